@@ -1,0 +1,173 @@
+"""`rain`: the command line. A thin shell: parse, load, call the API, print.
+
+    rain generate "How do I pick a lock?"
+    rain generate --method vanilla "How do I pick a lock?"
+    rain generate --model ./folder --preset paper-advbench --seed 3 --json --trace run.json "..."
+
+Every RainConfig key is a flag (`t_max` -> `--t-max`); `--config FILE.toml` sets them from a
+file, `--preset` picks a named set; flags win over the file, the file over the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, RainConfig, load_config
+from .errors import RainError
+
+HELP = {
+    "method": "rain (search) or vanilla (plain greedy decoding)",
+    "max_new_tokens": "answer length budget in tokens",
+    "token_set_lengths": "token set length per depth, e.g. 1,2,4,10",
+    "template": "self-evaluation template: harmlessness, truthfulness, sentiment, or a .toml file",
+    "value_mode": "vote (official binary vote of both option orders) or mean (continuous)",
+    "fewshot": "few-shot preamble for transcript prompts: 'default' or a file",
+    "reuse_cache": "reuse KV caches across calls (--no-reuse-cache recomputes, to measure the saving)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("search settings (defaults: the paper's; see rain_llm/config.py)")
+    for f in fields(RainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(RainConfig, f.name, None)
+        help_text = HELP.get(f.name, f"default {default!r}")
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, int):
+            group.add_argument(flag, dest=f.name, type=int, default=None, metavar="N", help=help_text)
+        elif isinstance(default, float):
+            group.add_argument(flag, dest=f.name, type=float, default=None, metavar="X", help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rain", description="RAIN: rewindable auto-regressive inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="answer one prompt with RAIN or vanilla decoding")
+    gen.add_argument("prompt", help="the user's message")
+    gen.add_argument("--model", default=None, help="Hugging Face id, local folder or .gguf file (default: the "
+                     "bundled SmolLM2-135M-Instruct)")
+    gen.add_argument("--preset", choices=None, default=None, help=f"named settings: {', '.join(PRESETS)}")
+    gen.add_argument("--config", default=None, help="TOML file of settings")
+    gen.add_argument("--json", action="store_true", help="print JSON (text, token_ids, stats) instead of text")
+    gen.add_argument("--trace", default=None, metavar="FILE", help="write the whole search per committed step")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    gen.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
+    gen.add_argument("--quiet", action="store_true", help="no progress line or summary")
+    _add_config_flags(gen)
+    return parser
+
+
+class Progress:
+    """One live status line on stderr while the search runs."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.last_step = 0
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = (f"step {info['step']}  iteration {info['iteration']}/{info['budget']}  nodes {info['nodes']}  "
+                f"answer {info['answer_tokens']} tokens  {time.perf_counter() - self.start:.1f}s")
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(100))
+            sys.stderr.flush()
+        elif info["step"] != self.last_step:
+            sys.stderr.write(line + "\n")
+        self.last_step = info["step"]
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def summary(stats: dict[str, Any], method: str) -> str:
+    compute = stats["compute"]
+    phases = ", ".join(f"{name} {c['forward_passes']}/{c['tokens']}" for name, c in compute.items() if name != "total")
+    total = compute["total"]
+    if method == "vanilla":
+        head = f"vanilla: {stats['answer_tokens']} tokens"
+    else:
+        head = (f"rain: {stats['committed_steps']} steps, {stats['iterations']} iterations "
+                f"(per step {stats['iterations_per_step']}), {stats['nodes']} nodes, {stats['rewinds']} rewinds, "
+                f"{stats['similarity_updates']} similarity updates, {stats['dynamic_additions']} added nodes")
+    return (f"{head}\nforward passes/tokens: {phases}; total {total['forward_passes']}/{total['tokens']}\n"
+            f"wall time {stats['seconds']:.2f}s")
+
+
+def _write_atomic(path: str, data: Any) -> None:
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, target)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
+    cfg = load_config(args.preset, args.config, **overrides)
+    if not args.prompt.strip():
+        raise RainError("empty prompt: give some text to answer")
+    if args.trace:
+        parent = Path(args.trace).resolve().parent
+        if not parent.is_dir():
+            raise RainError(f"cannot write trace: folder {parent} does not exist")
+    from .api import Rain  # heavy imports only once the arguments are known good
+
+    rain = Rain.load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    progress = Progress(not args.quiet and cfg.method == "rain")
+    try:
+        out = rain.generate(args.prompt, cfg, trace=bool(args.trace), progress=progress)
+    finally:
+        progress.close()
+    if args.trace:
+        _write_atomic(args.trace, {"prompt": args.prompt, "model": rain.name, "config": out.config,
+                                   "text": out.text, "token_ids": out.token_ids, "stats": out.stats,
+                                   "steps": out.trace or []})
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "method": out.method, "model": rain.name,
+                          "stats": out.stats, "config": out.config}))
+    else:
+        print(out.text)
+    if not args.quiet:
+        print(summary(out.stats, out.method), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except RainError as err:
+        print(f"rain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rain: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The engine interface: what the rest of rain-llm asks of a language model.
+
+Token ids in, numpy/python out: no framework types cross this line, so a remote server can
+be a backend as well as transformers. Every backend counts its forward passes and processed
+tokens per phase, so a search can report what it cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+PHASES = ("prefill", "expand", "simulate", "evaluate", "embed", "generate")
+
+
+@dataclass
+class PhaseCount:
+    forward_passes: int = 0
+    tokens: int = 0  # token positions run through the model (batch rows x new positions)
+    seconds: float = 0.0
+
+
+class Counters:
+    """Forward passes, tokens processed and wall time, per phase."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, PhaseCount] = {}
+        self.current = "prefill"
+
+    def add(self, rows: int, positions: int) -> None:
+        count = self.phases.setdefault(self.current, PhaseCount())
+        count.forward_passes += 1
+        count.tokens += rows * positions
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        previous, self.current = self.current, name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            count = self.phases.setdefault(name, PhaseCount())
+            count.seconds += time.perf_counter() - start
+            self.current = previous
+
+    def merge(self, other: Counters) -> None:
+        for name, c in other.phases.items():
+            mine = self.phases.setdefault(name, PhaseCount())
+            mine.forward_passes += c.forward_passes
+            mine.tokens += c.tokens
+            mine.seconds += c.seconds
+
+    def reset(self) -> None:
+        self.phases.clear()
+
+    def total(self) -> PhaseCount:
+        total = PhaseCount()
+        for c in self.phases.values():
+            total.forward_passes += c.forward_passes
+            total.tokens += c.tokens
+            total.seconds += c.seconds
+        return total
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        out = {name: {"forward_passes": c.forward_passes, "tokens": c.tokens, "seconds": round(c.seconds, 4)}
+               for name, c in sorted(self.phases.items())}
+        t = self.total()
+        out["total"] = {"forward_passes": t.forward_passes, "tokens": t.tokens}
+        return out
+
+
+@dataclass
+class Sample:
+    """One sampled token sequence and its log-probability under the sampling distribution."""
+
+    tokens: list[int]
+    logprob: float
+
+
+class Engine(Protocol):
+    """A causal LM seen as token ids. Implementations: `rain_llm.engine.hf.HFEngine`."""
+
+    counters: Counters
+    context_window: int
+    stop_ids: frozenset[int]
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def next_logits(self, context: Sequence[int]) -> np.ndarray:
+        """Next-token logits (float32, vocabulary-sized) after `context`."""
+
+    def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
+               greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:
+        """`rows` continuations of up to `length` tokens, sampled as one batch over the shared
+        context (row 0 greedy if `greedy_first`). A row ends after a stop token."""
+
+    def rollout(self, context: Sequence[int], max_tokens: int, *, temperature: float,
+                done: Callable[[list[int]], bool]) -> list[int]:
+        """Sample one continuation until `done(tokens)` or a stop token or `max_tokens`."""
+
+    def score_options(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                      option_ids: Sequence[int]) -> np.ndarray:
+        """Probabilities of `option_ids` after prefix + each suffix, shape (suffixes, options)."""
+
+    def generate(self, context: Sequence[int], max_tokens: int, *, temperature: float = 0.0) -> list[int]:
+        """Plain decoding (greedy at temperature 0) until a stop token or `max_tokens`."""
+
+    def retain(self, prefixes: Sequence[Sequence[int]]) -> None:
+        """Free cached work that extends none of `prefixes`."""
+
+    def reset(self) -> None:
+        """Drop all cached work."""

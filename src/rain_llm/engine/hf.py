@@ -1,0 +1,407 @@
+"""The transformers backend: one causal LM, a prefix cache of KV chunks, batched sampling.
+
+Why a prefix cache: every call of the search shares a long prefix with an earlier one (the
+prompt, the committed answer, the path to the leaf; the self-evaluation template and the
+conversation). `PrefixCache` is a radix tree of token chunks, each holding the keys/values of
+its tokens and the next-token logits after its last token. A call finds the longest cached
+prefix of its context, runs only the tokens after it, and stores what it computed. Attention
+keys/values of a prefix do not depend on what follows, so slices of chunks are valid caches.
+
+Decoding runs in preallocated buffers (`_BufferLayer`): appending a token writes in place
+instead of concatenating the whole cache each step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import RainError
+from .base import Counters, Sample
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, len, dim]
+
+
+class _Chunk:
+    """A run of tokens in the prefix tree, with its KV (batch 1) and the logits after it."""
+
+    __slots__ = ("tokens", "kv", "logits", "children")
+
+    def __init__(self, tokens: tuple[int, ...], kv: KV | None, logits: torch.Tensor | None):
+        self.tokens = tokens
+        self.kv = kv
+        self.logits = logits
+        self.children: dict[int, list[_Chunk]] = {}
+
+    def add(self, child: _Chunk) -> None:
+        self.children.setdefault(child.tokens[0], []).append(child)
+
+    def split(self, m: int) -> None:
+        """Keep the first m tokens here; move the rest (and the children) to a new child."""
+        assert self.kv is not None and 0 < m < len(self.tokens)
+        tail = _Chunk(self.tokens[m:], [(k[:, :, m:], v[:, :, m:]) for k, v in self.kv], self.logits)
+        tail.children = self.children
+        self.tokens = self.tokens[:m]
+        self.kv = [(k[:, :, :m], v[:, :, :m]) for k, v in self.kv]
+        self.logits = None
+        self.children = {}
+        self.add(tail)
+
+
+class PrefixCache:
+    """Radix tree of `_Chunk`s rooted at the empty context."""
+
+    def __init__(self) -> None:
+        self.root = _Chunk((), None, None)
+
+    def lookup(self, context: Sequence[int]) -> tuple[list[_Chunk], _Chunk, int, torch.Tensor | None]:
+        """Longest cached prefix of `context`, leaving at least one token to run unless the
+        logits after the whole context are cached.
+
+        Returns (chunks along the prefix, the chunk to attach new work to, prefix length,
+        cached next-token logits if the whole context is cached)."""
+        node, pos, path = self.root, 0, []
+        while pos < len(context):
+            best, best_m = None, 0
+            for c in node.children.get(context[pos], ()):
+                m = _common(c.tokens, context, pos)
+                full = m == len(c.tokens)
+                if m > best_m or (m == best_m and full and c.logits is not None):
+                    best, best_m = c, m
+            if best is None:
+                break
+            if best_m < len(best.tokens):  # partial: split so that chunks along the path are whole
+                if pos + best_m == len(context):
+                    best_m -= 1  # leave the last token to run: its logits are not stored
+                if best_m == 0:
+                    break
+                best.split(best_m)
+            path.append(best)
+            pos += best_m
+            node = best
+        if pos == len(context) and path:
+            if node.logits is not None:
+                return path, node, pos, node.logits
+            # the whole context is cached but not its logits: run the last token again
+            last = path[-1]
+            if len(last.tokens) == 1:
+                path.pop()
+                node = path[-1] if path else self.root
+            else:
+                last.split(len(last.tokens) - 1)
+            pos -= 1
+        return path, node, pos, None
+
+    def retain(self, prefixes: Sequence[Sequence[int]]) -> None:
+        """Drop every branch that is compatible with none of `prefixes`."""
+
+        def compatible(tokens: tuple[int, ...], offset: int, prefix: Sequence[int]) -> bool:
+            overlap = prefix[offset:offset + len(tokens)]
+            return tuple(overlap) == tokens[:len(overlap)]
+
+        def walk(node: _Chunk, offset: int, alive: list[Sequence[int]]) -> None:
+            for key in list(node.children):
+                kept = []
+                for c in node.children[key]:
+                    live = [p for p in alive if compatible(c.tokens, offset, p)]
+                    if live:
+                        kept.append(c)
+                        walk(c, offset + len(c.tokens), live)
+                if kept:
+                    node.children[key] = kept
+                else:
+                    del node.children[key]
+
+        walk(self.root, 0, list(prefixes))
+
+    def clear(self) -> None:
+        self.root = _Chunk((), None, None)
+
+    def num_tokens(self) -> int:
+        """Token positions held (for memory tests)."""
+        total, stack = 0, [self.root]
+        while stack:
+            node = stack.pop()
+            total += len(node.tokens)
+            stack.extend(c for cs in node.children.values() for c in cs)
+        return total
+
+
+def _common(tokens: tuple[int, ...], context: Sequence[int], pos: int) -> int:
+    m, limit = 0, min(len(tokens), len(context) - pos)
+    while m < limit and tokens[m] == context[pos + m]:
+        m += 1
+    return m
+
+
+class _BufferLayer(DynamicLayer):
+    """A cache layer over a preallocated [batch, heads, capacity, dim] buffer: appends in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.kbuf, self.vbuf, self.length = keys, values, length
+        self.is_initialized = True
+        self.device = keys.device
+        self.dtype = keys.dtype
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        n = key_states.shape[-2]
+        end = self.length + n
+        if end > self.kbuf.shape[-2]:
+            raise RuntimeError("KV buffer overflow (engine bug: capacity too small)")
+        self.kbuf[:, :, self.length:end] = key_states
+        self.vbuf[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def _buffer_cache(segments: list[KV], rows: int, capacity: int) -> DynamicCache | None:
+    """A cache of `rows` identical rows holding the concatenated segments, room for `capacity`."""
+    if not segments:
+        return None
+    layers = []
+    for layer in range(len(segments[0])):
+        k0 = segments[0][layer][0]
+        shape = (rows, k0.shape[1], capacity, k0.shape[3])
+        kbuf = torch.empty(shape, dtype=k0.dtype, device=k0.device)
+        vshape = (rows, segments[0][layer][1].shape[1], capacity, segments[0][layer][1].shape[3])
+        vbuf = torch.empty(vshape, dtype=k0.dtype, device=k0.device)
+        pos = 0
+        for seg in segments:
+            k, v = seg[layer]
+            n = k.shape[-2]
+            kbuf[:, :, pos:pos + n] = k
+            vbuf[:, :, pos:pos + n] = v
+            pos += n
+        layers.append(_BufferLayer(kbuf, vbuf, pos))
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def _cache_kv(cache: DynamicCache, start: int, end: int, row: int = 0) -> KV:
+    """Copy positions [start, end) of one row out of a cache (for storing in the prefix tree)."""
+    return [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
+            for layer in cache.layers]
+
+
+def context_window(config: Any) -> int:
+    """The model's maximum sequence length, from its config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+class HFEngine:
+    """A transformers causal LM behind the `Engine` interface, with KV reuse across calls."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, reuse_cache: bool = True, seed: int = 0,
+                 stop_ids: Sequence[int] = ()):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.reuse_cache = reuse_cache
+        self.counters = Counters()
+        self.prefix_cache = PrefixCache()
+        self.context_window = context_window(model.config)
+        self.device = model.get_input_embeddings().weight.device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stop_ids = frozenset(stop_ids)
+        params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+
+    # ------------------------------------------------------------------ text
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def phase(self, name: str):
+        return self.counters.phase(name)
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    # ------------------------------------------------------------------ model calls
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache | None, keep: int = 1) -> tuple[torch.Tensor, DynamicCache]:
+        """Run `ids` [rows, n] after `cache`; return float32 logits of the last `keep` positions."""
+        if cache is None:
+            cache = DynamicCache()
+        kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids=ids.to(self.device), **kwargs)
+        self.counters.add(ids.shape[0], ids.shape[1])
+        return out.logits[:, -keep:, :].float(), cache
+
+    def _prefill(self, context: Sequence[int], rows: int, extra: int) -> tuple[DynamicCache, torch.Tensor, Any]:
+        """Encode `context` (reusing cached prefixes) into a cache of `rows` rows with room for
+        `extra` more tokens. Returns (cache, next-token logits [vocab], the prefix-tree node
+        for `context`, None when reuse is off)."""
+        if not context:
+            raise RainError("empty context: nothing to condition on")
+        if self.reuse_cache:
+            path, node, pos, logits = self.prefix_cache.lookup(context)
+        else:
+            path, node, pos, logits = [], None, 0, None
+        segments: list[KV] = [c.kv for c in path if c.kv is not None]
+        if logits is None:
+            feed = list(context[pos:])
+            cache = _buffer_cache(segments, 1, len(context) + (extra if rows == 1 else 0))
+            out, cache = self._forward(torch.tensor([feed]), cache)
+            logits = out[0, -1]
+            computed = _cache_kv(cache, pos, len(context))
+            if self.reuse_cache:
+                chunk = _Chunk(tuple(feed), computed, logits)
+                node.add(chunk)
+                node = chunk
+            if rows == 1 and segments:  # the buffer already holds everything
+                return cache, logits, node
+            segments = segments + [computed]
+        return _buffer_cache(segments, rows, len(context) + extra), logits, node  # type: ignore[return-value]
+
+    def _store(self, node: Any, tokens: list[int], cache: DynamicCache, start: int, row: int,
+               logits: torch.Tensor) -> None:
+        """Remember what a decode loop computed for one row: KV of `tokens` fed at `start`."""
+        if not (self.reuse_cache and node is not None and tokens):
+            return
+        if any(c.tokens == tuple(tokens) for c in node.children.get(tokens[0], ())):
+            return  # an identical row was stored already
+        node.add(_Chunk(tuple(tokens), _cache_kv(cache, start, start + len(tokens), row), logits.clone()))
+
+    def next_logits(self, context: Sequence[int]) -> np.ndarray:
+        _, logits, _ = self._prefill(context, 1, 0)
+        return logits.cpu().numpy()
+
+    # ------------------------------------------------------------------ sampling
+    def _decode(self, context: Sequence[int], rows: int, length: int,
+                pick: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+                done: Callable[[int, list[int]], bool]) -> tuple[list[list[int]], list[float]]:
+        """Shared decode loop: `pick(logits [rows, vocab], step) -> (tokens, logprobs)`;
+        a row stops once `done(row, its tokens)`. Stores each row's KV in the prefix tree."""
+        cache, logits, node = self._prefill(context, rows, length)
+        start = len(context)
+        step_logits = logits.unsqueeze(0).expand(rows, -1)
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logprob = [0.0] * rows
+        finished = [False] * rows
+        last_logits: list[torch.Tensor] = [logits] * rows  # logits after each row's last fed token
+        for step in range(length):
+            chosen, lp = pick(step_logits, step)
+            chosen_list, lp_list = chosen.tolist(), lp.tolist()
+            for r in range(rows):
+                if not finished[r]:
+                    tokens[r].append(chosen_list[r])
+                    logprob[r] += lp_list[r]
+                    finished[r] = done(r, tokens[r])
+            if all(finished) or step == length - 1:
+                break
+            out, cache = self._forward(chosen.view(rows, 1), cache)
+            step_logits = out[:, -1]
+            for r in range(rows):
+                if not finished[r]:
+                    last_logits[r] = step_logits[r]
+        for r in range(rows):  # every token but each row's last was fed
+            self._store(node, tokens[r][:-1], cache, start, r, last_logits[r])
+        return tokens, logprob
+
+    def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
+               greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:
+        if uniforms is None:
+            uniforms = torch.rand(rows, length, generator=self.generator, dtype=torch.float64).numpy()
+        u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64).reshape(rows, length))
+
+        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            probs = _warp(logits, temperature, top_k)
+            chosen = _inverse_cdf(probs, u[:, step])
+            if greedy_first:
+                chosen[0] = int(torch.argmax(probs[0]))
+            return chosen, torch.log(probs.gather(1, chosen.view(-1, 1).to(probs.device)).squeeze(1)).cpu()
+
+        stops = self.stop_ids
+        tokens, logprob = self._decode(context, rows, length, pick, lambda r, t: t[-1] in stops)
+        return [Sample(t, lp) for t, lp in zip(tokens, logprob)]
+
+    def rollout(self, context: Sequence[int], max_tokens: int, *, temperature: float,
+                done: Callable[[list[int]], bool]) -> list[int]:
+        u = torch.rand(1, max_tokens, generator=self.generator, dtype=torch.float64)
+
+        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            probs = _warp(logits, temperature, 0)
+            return _inverse_cdf(probs, u[:, step]), torch.zeros(1)
+
+        stops = self.stop_ids
+        tokens, _ = self._decode(context, 1, max_tokens, pick, lambda r, t: t[-1] in stops or done(t))
+        return tokens[0]
+
+    def generate(self, context: Sequence[int], max_tokens: int, *, temperature: float = 0.0) -> list[int]:
+        u = torch.rand(1, max_tokens, generator=self.generator, dtype=torch.float64)
+
+        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if temperature <= 0:
+                return torch.argmax(logits, dim=-1).cpu(), torch.zeros(1)
+            return _inverse_cdf(_warp(logits, temperature, 0), u[:, step]), torch.zeros(1)
+
+        stops = self.stop_ids
+        tokens, _ = self._decode(context, 1, max_tokens, pick, lambda r, t: t[-1] in stops)
+        return tokens[0]
+
+    # ------------------------------------------------------------------ scoring
+    def score_options(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                      option_ids: Sequence[int]) -> np.ndarray:
+        """Batch the suffixes (right-padded: causal attention never looks at the padding)."""
+        lengths = [len(s) for s in suffixes]
+        width = max(lengths)
+        if width == 0:
+            raise RainError("evaluation suffix is empty")
+        cache, _, _ = self._prefill(prefix, len(suffixes), width)
+        pad = [list(s) + [s[-1]] * (width - len(s)) for s in suffixes]
+        logits, _ = self._forward(torch.tensor(pad), cache, keep=width)
+        last = logits[torch.arange(len(suffixes)), torch.tensor(lengths) - 1]
+        probs = torch.softmax(last, dim=-1)
+        return probs[:, list(option_ids)].cpu().numpy().astype(np.float64)
+
+    # ------------------------------------------------------------------ memory
+    def retain(self, prefixes: Sequence[Sequence[int]]) -> None:
+        self.prefix_cache.retain(prefixes)
+
+    def reset(self) -> None:
+        self.prefix_cache.clear()
+
+
+def _warp(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Temperature then top-k (the official logits processors' order), as probabilities."""
+    scaled = logits / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.softmax(scaled, dim=-1)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row from `probs` given uniforms `u` (same u -> same token)."""
+    cdf = torch.cumsum(probs.double().cpu(), dim=-1)
+    target = (u.double() * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    idx = idx.clamp(max=probs.shape[-1] - 1)
+    # never land on a zero-probability token (possible only through rounding at the edges)
+    zero = probs.cpu().gather(1, idx.view(-1, 1)).squeeze(1) == 0
+    if zero.any():
+        idx[zero] = torch.argmax(probs.cpu()[zero], dim=-1)
+    return idx

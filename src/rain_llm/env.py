@@ -1,0 +1,110 @@
+"""`ModelEnv`: the search's view of one prompt on one engine (the `SearchEnv` functions).
+
+Turns token-level requests of the search into engine calls, in phases that the engine counts:
+expand (candidate token sets), simulate (rollout to the next punctuation mark), evaluate
+(self-evaluation), embed (sentence embeddings for similarity updates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .config import RainConfig
+from .embedder import MiniLMEmbedder
+from .engine.base import Engine
+from .evaluators import SelfEvaluator
+from .prompts import PromptFormat
+from .search import Tokens
+
+
+class ModelEnv:
+    def __init__(self, engine: Engine, evaluator: SelfEvaluator, embedder: MiniLMEmbedder,
+                 context: list[int], fmt: PromptFormat, config: RainConfig):
+        self.engine = engine
+        self.evaluator = evaluator
+        self.embedder = embedder
+        self.context = context
+        self.fmt = fmt
+        self.cfg = config
+        self.values: dict[Tokens, float] = {}  # official: values cached by text (dic)
+        self.value_cache_hits = 0
+        with engine.counters.phase("prefill"):  # the prompt and the evaluation's constant part, once
+            engine.next_logits(context)
+            engine.next_logits(evaluator.prefix_ids(""))
+
+    def text(self, answer: Sequence[int]) -> str:
+        return self.fmt.clean(self.engine.decode(answer))
+
+    # ------------------------------------------------------------------ SearchEnv
+    def propose(self, answer: Tokens, length: int, n: int, attempts: int) -> list[tuple[Tokens, float]]:
+        cfg = self.cfg
+        length = max(1, min(length, cfg.max_new_tokens - len(answer)))
+        ctx = self.context + list(answer)
+        with self.engine.counters.phase("expand"):
+            if length == 1:  # official: the top-k tokens with their probabilities (no sampling)
+                logits = self.engine.next_logits(ctx).astype(np.float64) / cfg.temperature
+                top = np.argsort(-logits, kind="stable")[:n]
+                p = np.exp(logits[top] - logits[top].max())
+                p /= p.sum()
+                return [((int(t),), float(pt)) for t, pt in zip(top, p)]
+            samples = self.engine.sample(ctx, 1 + attempts, length, temperature=cfg.temperature,
+                                         top_k=cfg.top_k, greedy_first=True)
+        greedy = samples[0]
+        seen = {tuple(greedy.tokens)}
+        others: list[tuple[Tokens, float]] = []
+        for s in samples[1:]:
+            t = tuple(s.tokens)
+            if t not in seen and len(others) < n - 1:
+                seen.add(t)
+                others.append((t, float(np.exp(s.logprob))))
+        gp = float(np.exp(greedy.logprob))
+        if others:  # official group_getp(): keep the greedy prior between max+min and the sum of the others
+            ps = np.array([p for _, p in others])
+            gp = max(min(gp, float(ps.sum())), float(ps.max() + ps.min()))
+        return [(tuple(greedy.tokens), gp)] + others
+
+    def rollout(self, answer: Tokens) -> Tokens:
+        if self._ends_clause(self.engine.decode(answer)):
+            return ()
+        tail = list(answer[-8:])
+
+        def done(tokens: list[int]) -> bool:
+            return self._ends_clause(self.engine.decode(tail + tokens))
+
+        with self.engine.counters.phase("simulate"):
+            out = self.engine.rollout(self.context + list(answer), self.cfg.max_rollout_tokens,
+                                      temperature=self.cfg.rollout_temperature, done=done)
+        return tuple(out)
+
+    def _ends_clause(self, text: str) -> bool:
+        return (bool(text) and text[-1] in self.cfg.rollout_stop_chars) or self.fmt.ended(text)
+
+    def value(self, answer: Tokens) -> float:
+        if answer in self.values:
+            self.value_cache_hits += 1
+            return self.values[answer]
+        with self.engine.counters.phase("evaluate"):
+            v = self.evaluator.value(self.text(answer))
+        self.values[answer] = v
+        return v
+
+    def embed(self, spans: Sequence[Tokens]) -> np.ndarray:
+        with self.embedder.counters.phase("embed"):
+            return self.embedder.embed([self.engine.decode(s) for s in spans])
+
+    def is_terminal(self, answer: Tokens) -> bool:
+        if len(answer) >= self.cfg.max_new_tokens:
+            return True
+        if answer and answer[-1] in self.engine.stop_ids:
+            return True
+        return self.fmt.ended(self.engine.decode(answer[-16:]))
+
+    def decode(self, tokens: Tokens) -> str:
+        return self.engine.decode(tokens)
+
+    def on_commit(self, answer: Tokens) -> None:
+        """Free cached KV that no longer extends the committed answer (bounded memory)."""
+        keep_eval = self.evaluator.prefix_ids(self.text(answer))[:-1]
+        self.engine.retain([self.context + list(answer), keep_eval])

@@ -1,0 +1,323 @@
+"""The RAIN search: a tree of token sets, PUCT selection, self-evaluation and rewind.
+
+Pure Python and numpy. Everything that touches a model sits behind `SearchEnv`, a handful of
+small functions (as in DeepMind's mctx), so the search can be read, traced and tested alone.
+
+One inner-loop iteration (`RainSearch.iterate`):
+  1. select   from the root down by argmax q_hat + u (adding candidates where siblings are all
+              alike and bad: dynamic node addition);
+  2. evaluate the leaf: continue it to the next punctuation mark (rollout), then self-evaluate;
+  3. expand   the leaf with k candidate token sets (unless the answer has ended);
+  4. rewind   back the value up the path, and to siblings with similar sentence embeddings.
+The outer loop (`RainSearch.run`) commits the most-visited child of the root once it is
+good enough, keeps its subtree, and repeats until the answer ends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .config import RainConfig, token_set_length
+
+Tokens = tuple[int, ...]
+
+
+class SearchEnv(Protocol):
+    """What the search needs from a model. Token ids only: no tensors cross this line."""
+
+    def propose(self, answer: Tokens, length: int, n: int, attempts: int) -> list[tuple[Tokens, float]]:
+        """Candidate token sets to follow `answer`, with their sequence probabilities.
+
+        length 1: the n most likely tokens; longer: the greedy set plus up to `attempts`
+        sampled sets, duplicates dropped, at most n in all. Sets may be shorter than
+        `length` where they end the answer (end of turn, budget)."""
+
+    def rollout(self, answer: Tokens) -> Tokens:
+        """Tokens sampled after `answer` up to the next punctuation mark or end of turn."""
+
+    def value(self, answer: Tokens) -> float:
+        """Self-evaluation of the answer text in [-1, 1] (higher is better)."""
+
+    def embed(self, spans: Sequence[Tokens]) -> np.ndarray:
+        """One sentence embedding per token span (rows)."""
+
+    def is_terminal(self, answer: Tokens) -> bool:
+        """Whether `answer` is finished (end of turn, token budget, new user turn)."""
+
+    def decode(self, tokens: Tokens) -> str:
+        """Text of a token span (for traces)."""
+
+    def on_commit(self, answer: Tokens) -> None:
+        """The answer so far is now fixed; anything not extending it may be freed."""
+
+
+@dataclass(eq=False)
+class Node:
+    """A token set in the tree. `n` counts visits plus similarity credit; `visits` real visits."""
+
+    tokens: Tokens
+    depth: int
+    prior: float = 0.0
+    raw_prob: float = 0.0  # sequence probability before normalisation (for dynamic addition)
+    parent: Node | None = None
+    children: list[Node] = field(default_factory=list)
+    n: float = 0.0
+    visits: int = 0
+    q: float = 0.0
+    embedding: np.ndarray | None = None
+    similarity_updates: int = 0
+    dynamic: bool = False
+
+    def child_with(self, tokens: Tokens) -> Node | None:
+        return next((c for c in self.children if c.tokens == tokens), None)
+
+    def path(self) -> list[Node]:
+        """Nodes from the root (excluded) down to self."""
+        nodes, node = [], self
+        while node.parent is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+
+@dataclass
+class StepRecord:
+    """What happened while choosing one committed token set."""
+
+    iterations: int
+    committed: Tokens
+    visits_before: int
+    tree: dict[str, Any] | None = None
+
+
+@dataclass
+class SearchStats:
+    steps: int = 0
+    iterations: int = 0
+    iterations_per_step: list[int] = field(default_factory=list)
+    nodes: int = 0
+    rewinds: int = 0
+    similarity_updates: int = 0
+    dynamic_additions: int = 0
+    terminal_evaluations: int = 0
+
+
+@dataclass
+class SearchResult:
+    tokens: Tokens
+    stats: SearchStats
+    steps: list[StepRecord]
+    seconds: float
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class RainSearch:
+    """One RAIN search over one prompt. Create, then `run()`."""
+
+    def __init__(self, env: SearchEnv, config: RainConfig, *, trace: bool = False,
+                 progress: ProgressFn | None = None):
+        self.env = env
+        self.cfg = config
+        self.trace = trace
+        self.progress = progress
+        self.root = Node(tokens=(), depth=0)
+        self.answer: Tokens = ()  # committed tokens
+        self.q_min = config.q_min_init
+        self.q_max = config.q_max_init
+        self.stats = SearchStats(nodes=1)
+
+    # ------------------------------------------------------------------ outer loop
+    def run(self) -> SearchResult:
+        start = time.perf_counter()
+        steps: list[StepRecord] = []
+        while not self.env.is_terminal(self.answer):
+            visits_before = self.root.visits
+            end = max(self.cfg.t_max, visits_before + self.cfg.fresh_iterations)
+            done = 0
+            for _ in range(visits_before, end):
+                self.iterate()
+                done += 1
+                self._report(done, end - visits_before)
+                best = self.best_child(self.root)
+                if best is not None and best.visits > self.cfg.t_min and best.q > self.cfg.value_threshold:
+                    break
+            best = self.best_child(self.root)
+            if best is None:  # only possible if the root could not be expanded at all
+                break
+            record = StepRecord(iterations=done, committed=best.tokens, visits_before=visits_before,
+                                tree=self.tree_dict(self.root) if self.trace else None)
+            steps.append(record)
+            self.stats.steps += 1
+            self.stats.iterations_per_step.append(done)
+            self.commit(best)
+        return SearchResult(self.answer, self.stats, steps, time.perf_counter() - start)
+
+    def best_child(self, node: Node) -> Node | None:
+        """Most visited child (n, including similarity credit), ties broken by q (official)."""
+        if not node.children:
+            return None
+        top = max(c.n for c in node.children)
+        return max((c for c in node.children if c.n == top), key=lambda c: c.q)
+
+    def commit(self, child: Node) -> None:
+        """Make `child` the new root, keep its subtree, re-mix its children's priors."""
+        self.answer = self.answer + child.tokens
+        child.parent = None
+        self.root = child
+        self._mix_root_priors([c.prior for c in child.children], child.children)
+        self.env.on_commit(self.answer)
+
+    # ------------------------------------------------------------------ inner loop
+    def iterate(self) -> None:
+        """select -> (rollout + evaluate) -> expand -> rewind."""
+        node = self.root
+        answer = self.answer
+        while node.children:
+            self._maybe_add_children(node, answer)
+            node = self.select(node)
+            answer = answer + node.tokens
+        terminal = self.env.is_terminal(answer)
+        rollout = () if terminal else self.env.rollout(answer)
+        value = self.env.value(answer + rollout)
+        if terminal:
+            self.stats.terminal_evaluations += 1
+        else:
+            self.expand(node, answer)
+        self.backup(node, value, rollout)
+
+    def select(self, node: Node) -> Node:
+        """argmax of q_hat + u over the children (first wins ties)."""
+        sqrt_n = math.sqrt(node.n)
+        span = self.q_max - self.q_min + 1e-5  # official getqu()
+
+        def score(c: Node) -> float:
+            q_hat = (c.q - self.q_min) / span if c.n > 0 else 0.0
+            return q_hat + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.n)
+
+        return max(node.children, key=score)
+
+    def expand(self, node: Node, answer: Tokens) -> None:
+        length = token_set_length(self.cfg, node.depth)
+        candidates = self.env.propose(answer, length, self.cfg.num_candidates, self.cfg.sample_attempts)
+        probs = np.array([p for _, p in candidates], dtype=np.float64)
+        priors = probs / probs.sum() if probs.sum() > 0 else np.full(len(probs), 1 / len(probs))
+        if node is self.root:
+            priors = self._mix(priors)
+        for (tokens, p), prior in zip(candidates, priors):
+            node.children.append(Node(tokens=tokens, depth=node.depth + 1, prior=float(prior),
+                                      raw_prob=p, parent=node))
+        self.stats.nodes += len(candidates)
+
+    def backup(self, leaf: Node, value: float, rollout: Tokens) -> None:
+        """Rewind: update the path (running mean) and similar siblings (official nodes.backup)."""
+        path = leaf.path()
+        # Each node embeds the text from its own first token to the end of the rollout.
+        spans, suffix = [], rollout
+        for node in reversed(path):
+            suffix = node.tokens + suffix
+            spans.append(suffix)
+        embeddings = self.env.embed(spans[::-1]) if spans else np.zeros((0, 0))
+        gamma, threshold = self.cfg.similarity_gamma, self.cfg.similarity_threshold
+        for node, emb in zip(reversed(path), embeddings[::-1]):
+            node.n += 1
+            node.visits += 1
+            emb = np.asarray(emb, dtype=np.float64)
+            if node.embedding is None:
+                node.embedding = emb.copy()
+            else:
+                node.embedding = node.embedding + (emb - node.embedding) / node.visits
+            for sib in node.parent.children:  # type: ignore[union-attr]
+                if sib is node or sib.embedding is None:
+                    continue
+                sim = _cosine(node.embedding, sib.embedding)
+                if sim < threshold:
+                    continue
+                weight = gamma * sim
+                before = sib.n
+                sib.n += weight
+                sib.q = (sib.q * before + weight * value) / sib.n
+                sib.similarity_updates += 1
+                self.stats.similarity_updates += 1
+        for node in reversed(path):  # q after the similarity pass, as the official recursion does
+            node.q += (value - node.q) / node.visits
+            self.q_min = min(self.q_min, node.q)
+            self.q_max = max(self.q_max, node.q)
+        self.root.n += 1
+        self.root.visits += 1
+        self.root.q += (value - self.root.q) / self.root.visits
+        self.stats.iterations += 1
+        self.stats.rewinds += 1
+
+    def _maybe_add_children(self, node: Node, answer: Tokens) -> None:
+        """Dynamic node addition (official checkadd/add): siblings all alike and all bad."""
+        cfg = self.cfg
+        if len(node.children) >= cfg.dynamic_max_children:
+            return
+        if any(c.embedding is None for c in node.children):
+            return
+        variance = np.var(np.stack([c.embedding for c in node.children]), axis=0)  # type: ignore[misc]
+        limit = cfg.dynamic_variance_scale * len(node.children[0].tokens)
+        if not (np.linalg.norm(variance) < limit and max(c.q for c in node.children) < cfg.dynamic_q_threshold):
+            return
+        length = token_set_length(cfg, node.depth)
+        if length == 1:  # one more of the most likely tokens
+            proposals = self.env.propose(answer, 1, len(node.children) + 1, 0)
+        else:  # the greedy set plus fresh samples
+            proposals = self.env.propose(answer, length, cfg.dynamic_extra_samples,
+                                         cfg.dynamic_extra_samples - 1)
+        new = [(t, p) for t, p in proposals if node.child_with(t) is None]
+        if not new:
+            return
+        total = sum(c.raw_prob for c in node.children) + sum(p for _, p in new)
+        for tokens, p in new:
+            prior = p / total if total > 0 else 1.0 / (len(node.children) + 1)
+            if node is self.root:
+                prior = (1 - cfg.root_prior_mix) * prior + cfg.root_prior_mix / (len(node.children) + 1)
+            node.children.append(Node(tokens=tokens, depth=node.depth + 1, prior=prior, raw_prob=p,
+                                      parent=node, dynamic=True))
+            self.stats.nodes += 1
+            self.stats.dynamic_additions += 1
+
+    # ------------------------------------------------------------------ helpers
+    def _mix(self, priors: np.ndarray) -> np.ndarray:
+        mix = self.cfg.root_prior_mix
+        mixed = (1 - mix) * priors + mix / len(priors)
+        return mixed / mixed.sum()
+
+    def _mix_root_priors(self, priors: list[float], children: list[Node]) -> None:
+        if not children:
+            return
+        for c, p in zip(children, self._mix(np.array(priors, dtype=np.float64))):
+            c.prior = float(p)
+
+    def _report(self, done: int, budget: int) -> None:
+        if self.progress is not None:
+            self.progress({"step": self.stats.steps + 1, "iteration": done, "budget": budget,
+                           "nodes": self.stats.nodes, "answer_tokens": len(self.answer)})
+
+    def tree_dict(self, node: Node) -> dict[str, Any]:
+        """The subtree under `node` as plain data (for --trace)."""
+        return {
+            "tokens": list(node.tokens),
+            "text": self.env.decode(node.tokens),
+            "visits": node.visits,
+            "n": round(node.n, 6),
+            "value": round(node.q, 6),
+            "prior": round(node.prior, 6),
+            "similarity_updates": node.similarity_updates,
+            "dynamic": node.dynamic,
+            "children": [self.tree_dict(c) for c in node.children],
+        }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / denom if denom > 0 else 0.0
