@@ -21,6 +21,7 @@ from typing import Any
 
 from .config import PRESETS, RainConfig, load_config
 from .errors import RainError
+from .evaluators import load_template
 
 HELP = {
     "method": "rain (search) or vanilla (plain greedy decoding)",
@@ -120,6 +121,8 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, **overrides)
     if not args.prompt.strip():
         raise RainError("empty prompt: give some text to answer")
+    if cfg.method == "rain":
+        load_template(cfg.template)  # fail before the model loads
     if args.trace:
         parent = Path(args.trace).resolve().parent
         if not parent.is_dir():

@@ -239,16 +239,22 @@ class HFEngine:
 
     # ------------------------------------------------------------------ model calls
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, cache: DynamicCache | None, keep: int = 1) -> tuple[torch.Tensor, DynamicCache]:
-        """Run `ids` [rows, n] after `cache`; return float32 logits of the last `keep` positions."""
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache | None,
+                 keep: int | list[int] = 1) -> tuple[torch.Tensor, DynamicCache]:
+        """Run `ids` [rows, n] after `cache`; return float32 logits [rows, kept, vocab] of the last
+        `keep` positions, or of the positions listed in `keep`."""
         if cache is None:
             cache = DynamicCache()
         kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": True}
+        index = torch.tensor(keep) if isinstance(keep, list) else None
         if self._logits_to_keep:
-            kwargs["logits_to_keep"] = keep
+            kwargs["logits_to_keep"] = index.to(self.device) if index is not None else keep
         out = self.model(input_ids=ids.to(self.device), **kwargs)
         self.counters.add(ids.shape[0], ids.shape[1])
-        return out.logits[:, -keep:, :].float(), cache
+        logits = out.logits
+        if not self._logits_to_keep:
+            logits = logits[:, index.to(logits.device)] if index is not None else logits[:, -keep:]
+        return logits.float(), cache
 
     def _prefill(self, context: Sequence[int], rows: int, extra: int) -> tuple[DynamicCache, torch.Tensor, Any]:
         """Encode `context` (reusing cached prefixes) into a cache of `rows` rows with room for
@@ -365,15 +371,27 @@ class HFEngine:
     # ------------------------------------------------------------------ scoring
     def score_options(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
                       option_ids: Sequence[int]) -> np.ndarray:
-        """Batch the suffixes (right-padded: causal attention never looks at the padding)."""
-        lengths = [len(s) for s in suffixes]
-        width = max(lengths)
-        if width == 0:
-            raise RainError("evaluation suffix is empty")
-        cache, _, _ = self._prefill(prefix, len(suffixes), width)
-        pad = [list(s) + [s[-1]] * (width - len(s)) for s in suffixes]
-        logits, _ = self._forward(torch.tensor(pad), cache, keep=width)
-        last = logits[torch.arange(len(suffixes)), torch.tensor(lengths) - 1]
+        """One batched forward: each row is the uncached rest of the prefix plus one suffix,
+        right-padded (causal attention never looks at the padding). The prefix's KV is stored
+        from row 0 so the next evaluation of a longer answer starts from it."""
+        if not prefix or not all(suffixes):
+            raise RainError("evaluation prompt and its suffixes must not be empty")
+        if self.reuse_cache:
+            path, node, pos, _ = self.prefix_cache.lookup(prefix)
+        else:
+            path, node, pos = [], None, 0
+        rest = list(prefix[pos:])
+        rows = [rest + list(s) for s in suffixes]
+        width = max(len(r) for r in rows)
+        cache = _buffer_cache([c.kv for c in path if c.kv is not None], len(rows), pos + width)
+        ends = [len(r) - 1 for r in rows]
+        keep = sorted(set(ends + ([len(rest) - 1] if rest else [])))
+        padded = [r + [r[-1]] * (width - len(r)) for r in rows]
+        logits, cache = self._forward(torch.tensor(padded), cache, keep=keep)
+        if rest and self.reuse_cache:
+            after_prefix = logits[0, keep.index(len(rest) - 1)].clone()
+            node.add(_Chunk(tuple(rest), _cache_kv(cache, pos, pos + len(rest)), after_prefix))
+        last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
         probs = torch.softmax(last, dim=-1)
         return probs[:, list(option_ids)].cpu().numpy().astype(np.float64)
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: the default model's tokenizer and tiny random-weight models built from configs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The bundled default model as a safetensors folder (converted once, then cached)."""
+    from rain_llm.models import converted_folder, default_gguf
+
+    return converted_folder(default_gguf())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def tiny_model(arch: str, vocab: int):
+    """A seeded 2-3 layer random model of the given architecture."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, **common))
+    elif arch == "gemma3":  # sliding-window layers with a window shorter than the contexts used
+        model = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=3, head_dim=16, sliding_window=4,
+                                                   layer_types=["sliding_attention", "sliding_attention",
+                                                                "full_attention"], **common))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma3", "qwen2"])
+def tiny(request, tokenizer):
+    return request.param, tiny_model(request.param, len(tokenizer))

@@ -1,0 +1,108 @@
+"""End to end on the bundled default model (SmolLM2-135M-Instruct), offline, with small budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rain_llm import Rain, load_config
+
+PROMPT = "How do I pick a lock?"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def rain_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rain_llm.cli", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def rain(default_model_dir):
+    return Rain.load()
+
+
+def small(**kw):
+    return load_config("fast", max_new_tokens=kw.pop("max_new_tokens", 10), t_max=kw.pop("t_max", 4), **kw)
+
+
+def test_cli_rain_json_reports_text_tokens_and_compute():
+    proc = rain_cli("generate", "--preset", "fast", "--max-new-tokens", "8", "--t-max", "3", "--json", PROMPT)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["method"] == "rain" and out["text"]
+    assert 0 < len(out["token_ids"]) <= 8
+    stats = out["stats"]
+    assert stats["committed_steps"] == len(stats["iterations_per_step"]) >= 1
+    assert sum(stats["iterations_per_step"]) == stats["iterations"] == stats["rewinds"]
+    compute = stats["compute"]
+    for phase in ("expand", "simulate", "evaluate", "embed"):
+        assert compute[phase]["forward_passes"] > 0 and compute[phase]["tokens"] > 0
+    assert compute["total"]["tokens"] == sum(c["tokens"] for k, c in compute.items() if k != "total")
+    assert "step 1" in proc.stderr and "forward passes/tokens" in proc.stderr  # progress + summary
+
+
+def test_cli_vanilla_prints_greedy_answer(rain):
+    proc = rain_cli("generate", "--method", "vanilla", "--max-new-tokens", "12", PROMPT)
+    assert proc.returncode == 0, proc.stderr
+    expected = rain.generate(PROMPT, method="vanilla", max_new_tokens=12).text
+    assert proc.stdout.strip() == expected
+    assert "vanilla: 12 tokens" in proc.stderr
+
+
+def test_cli_trace_writes_whole_search(tmp_path):
+    trace = tmp_path / "run.json"
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('preset = "fast"\nmax_new_tokens = 6\nt_max = 3\nseed = 3\n')
+    proc = rain_cli("generate", "--config", str(cfg), "--json", "--trace", str(trace), PROMPT)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(trace.read_text())
+    out = json.loads(proc.stdout)
+    assert data["token_ids"] == out["token_ids"] and data["config"]["seed"] == 3
+    assert len(data["steps"]) == out["stats"]["committed_steps"]
+    committed = [t for step in data["steps"] for t in step["committed"]]
+    assert committed == out["token_ids"]
+    root = data["steps"][0]["tree"]
+    node = root["children"][0]
+    for key in ("tokens", "text", "visits", "value", "prior", "similarity_updates", "dynamic", "children"):
+        assert key in node
+    assert root["visits"] == sum(c["visits"] for c in root["children"]) + 1  # one root evaluation
+
+
+def test_api_same_seed_same_answer(rain):
+    a = rain.generate(PROMPT, small(seed=5))
+    b = rain.generate(PROMPT, small(seed=5))
+    assert a.token_ids == b.token_ids and a.stats["iterations_per_step"] == b.stats["iterations_per_step"]
+
+
+def test_api_reuse_off_does_more_work_for_the_same_answer(rain):
+    on = rain.generate(PROMPT, small(seed=1))
+    off = rain.generate(PROMPT, small(seed=1, reuse_cache=False))
+    assert on.token_ids == off.token_ids
+    assert off.stats["compute"]["total"]["tokens"] > 3 * on.stats["compute"]["total"]["tokens"]
+
+
+def test_api_vanilla_and_rain_share_settings(rain):
+    v = rain.generate(PROMPT, small(method="vanilla", max_new_tokens=5))
+    assert v.method == "vanilla" and len(v.token_ids) <= 5 and v.stats["compute"]["generate"]["forward_passes"] <= 5
+
+
+def test_api_answer_ends_at_end_of_turn(rain):
+    out = rain.generate("Say hi.", method="vanilla", max_new_tokens=200)
+    assert len(out.token_ids) < 200
+    assert out.token_ids[-1] in rain.engine.stop_ids
+
+
+def test_transcript_format_for_base_prompting(rain):
+    out = rain.generate(PROMPT, small(prompt_format="raw", fewshot="default", max_new_tokens=8))
+    assert "Human:" not in out.text
+    assert out.stats["committed_steps"] >= 1
+
+
+def test_value_modes_and_templates_run(rain):
+    for kw in ({"value_mode": "mean"}, {"template": "truthfulness"}, {"eval_format": "raw"}):
+        out = rain.generate(PROMPT, small(max_new_tokens=4, t_max=2, **kw))
+        assert out.token_ids

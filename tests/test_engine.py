@@ -1,0 +1,159 @@
+"""The transformers engine on tiny random models: every reuse path equals a full forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rain_llm.engine.hf import HFEngine
+
+TOL = 1e-4
+
+
+def full_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0, -1].float().numpy()
+
+
+def make(model, tokenizer, reuse=True, seed=0):
+    return HFEngine(model, tokenizer, reuse_cache=reuse, seed=seed, stop_ids=[tokenizer.eos_token_id])
+
+
+@pytest.fixture
+def ctx(tokenizer):
+    return tokenizer("The quick brown fox jumps over the lazy dog, and then")["input_ids"]
+
+
+def test_prefill_and_every_reuse_path_match_full_forward(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    # fresh context
+    assert np.abs(eng.next_logits(ctx) - full_logits(model, ctx)).max() < TOL
+    # the same context again: served from the cache, no forward pass
+    passes = eng.counters.total().forward_passes
+    assert np.abs(eng.next_logits(ctx) - full_logits(model, ctx)).max() < TOL
+    assert eng.counters.total().forward_passes == passes
+    # a strict prefix ending inside a cached chunk (split, last token re-run)
+    short = ctx[:7]
+    assert np.abs(eng.next_logits(short) - full_logits(model, short)).max() < TOL
+    # a context that diverges inside a cached chunk
+    fork = ctx[:5] + [42, 43, 44]
+    assert np.abs(eng.next_logits(fork) - full_logits(model, fork)).max() < TOL
+    # an extension of a cached context
+    longer = ctx + [100, 200, 300]
+    assert np.abs(eng.next_logits(longer) - full_logits(model, longer)).max() < TOL
+
+
+def test_sampled_rows_are_cached_correctly(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    samples = eng.sample(ctx, 4, 6, temperature=1.0, top_k=15, greedy_first=True)
+    assert len(samples) == 4
+    for s in samples:
+        ids = ctx + s.tokens
+        assert np.abs(eng.next_logits(ids) - full_logits(model, ids)).max() < TOL
+        # continuing from a sampled row needs one forward of its last token only
+        before = eng.counters.total().tokens
+        eng.next_logits(ids + [5])
+        assert eng.counters.total().tokens - before == 1
+
+
+def test_greedy_row_is_argmax_and_logprobs_are_right(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    s = eng.sample(ctx, 3, 4, temperature=2.0, top_k=15, greedy_first=True)
+    ids, total = list(ctx), 0.0
+    for tok in s[0].tokens:
+        logits = torch.tensor(full_logits(model, ids)) / 2.0
+        assert tok == int(torch.argmax(logits))
+        kth = torch.topk(logits, 15).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        total += float(torch.log_softmax(logits, -1)[tok])
+        ids.append(tok)
+    assert s[0].logprob == pytest.approx(total, abs=1e-4)
+    for row in s[1:]:  # sampled rows stay inside the top-k
+        ids = list(ctx)
+        for tok in row.tokens:
+            assert tok in torch.topk(torch.tensor(full_logits(model, ids)), 15).indices.tolist()
+            ids.append(tok)
+
+
+def test_batched_sampling_equals_row_by_row(tiny, tokenizer, ctx):
+    _, model = tiny
+    uniforms = np.random.default_rng(7).random((5, 6))
+    batched = make(model, tokenizer).sample(ctx, 5, 6, temperature=1.0, top_k=15, greedy_first=True,
+                                             uniforms=uniforms)
+    for i in range(5):
+        single = make(model, tokenizer).sample(ctx, 1, 6, temperature=1.0, top_k=15, greedy_first=(i == 0),
+                                                uniforms=uniforms[i:i + 1])[0]
+        assert single.tokens == batched[i].tokens
+        assert single.logprob == pytest.approx(batched[i].logprob, abs=1e-4)
+
+
+def test_seeded_sampling_is_reproducible(tiny, tokenizer, ctx):
+    _, model = tiny
+    a = make(model, tokenizer, seed=3).sample(ctx, 4, 5, temperature=1.0, top_k=15, greedy_first=False)
+    b = make(model, tokenizer, seed=3).sample(ctx, 4, 5, temperature=1.0, top_k=15, greedy_first=False)
+    c = make(model, tokenizer, seed=4).sample(ctx, 4, 5, temperature=1.0, top_k=15, greedy_first=False)
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert [s.tokens for s in a] != [s.tokens for s in c]
+
+
+def test_score_options_matches_full_forward(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    eng.next_logits(ctx[:6])  # a partly cached prefix
+    suffixes = [[11, 12, 13, 14], [15, 16]]
+    options = [32, 33]
+    got = eng.score_options(ctx, suffixes, options)
+    for row, suf in enumerate(suffixes):
+        probs = torch.softmax(torch.tensor(full_logits(model, ctx + suf)), -1)
+        assert got[row] == pytest.approx([float(probs[o]) for o in options], rel=1e-3, abs=1e-7)
+
+
+def test_reuse_off_gives_same_logits_and_more_work(tiny, tokenizer, ctx):
+    _, model = tiny
+    on, off = make(model, tokenizer), make(model, tokenizer, reuse=False)
+    for eng in (on, off):
+        eng.next_logits(ctx)
+        eng.next_logits(ctx + [7, 8])
+    assert np.abs(on.next_logits(ctx + [7, 8, 9]) - off.next_logits(ctx + [7, 8, 9])).max() < TOL
+    assert on.counters.total().tokens == len(ctx) + 2 + 1
+    assert off.counters.total().tokens == len(ctx) + (len(ctx) + 2) + (len(ctx) + 3)
+
+
+def test_counters_add_up_per_phase(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    with eng.counters.phase("prefill"):
+        eng.next_logits(ctx)
+    with eng.counters.phase("expand"):
+        eng.sample(ctx, 3, 4, temperature=1.0, top_k=15, greedy_first=True)
+    d = eng.counters.to_dict()
+    assert d["prefill"] == {"forward_passes": 1, "tokens": len(ctx), "seconds": d["prefill"]["seconds"]}
+    steps = d["expand"]["forward_passes"]
+    assert 1 <= steps <= 3  # 4 tokens: 3 fed (unless every row ended early)
+    assert d["expand"]["tokens"] == 3 * steps
+    assert d["total"]["tokens"] == len(ctx) + 3 * steps
+
+
+def test_retain_frees_other_branches_and_stays_correct(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    rows = eng.sample(ctx, 4, 5, temperature=1.0, top_k=15, greedy_first=True)
+    held = eng.prefix_cache.num_tokens()
+    keep = ctx + rows[1].tokens
+    eng.retain([keep])
+    assert eng.prefix_cache.num_tokens() < held
+    assert np.abs(eng.next_logits(keep) - full_logits(model, keep)).max() < TOL
+
+
+def test_vanilla_generate_equals_transformers_greedy(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    ours = eng.generate(ctx, 8)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ctx]), max_new_tokens=8, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    assert ours == ref[0, len(ctx):].tolist()[:len(ours)]

@@ -1,0 +1,255 @@
+"""The search alone, on a scripted fake environment: exact arithmetic of the paper's rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rain_llm.config import RainConfig
+from rain_llm.search import Node, RainSearch
+
+EOS = 0
+
+
+class FakeEnv:
+    """Token sets are runs of one token id; values and embeddings are scripted by the caller."""
+
+    def __init__(self, probs=(0.5, 0.3, 0.2), value=None, embed=None, budget=6, rollout=(), seed=None):
+        self.probs = probs
+        self.value_fn = value or (lambda answer: 0.0)
+        self.embed_fn = embed or (lambda span: np.eye(8)[span[0] % 8])
+        self.budget = budget
+        self.rollout_tokens = tuple(rollout)
+        self.rng = np.random.default_rng(seed) if seed is not None else None
+        self.calls: list[tuple] = []
+        self.commits: list[tuple] = []
+
+    def propose(self, answer, length, n, attempts):
+        self.calls.append(("propose", answer, length, n, attempts))
+        probs = self.probs
+        if self.rng is not None:
+            probs = tuple(self.rng.dirichlet(np.ones(len(self.probs))))
+        return [((i + 1,) * length, p) for i, p in enumerate(probs[:n])]
+
+    def rollout(self, answer):
+        self.calls.append(("rollout", answer))
+        return self.rollout_tokens
+
+    def value(self, answer):
+        self.calls.append(("value", answer))
+        return float(self.value_fn(answer))
+
+    def embed(self, spans):
+        return np.stack([self.embed_fn(s) for s in spans])
+
+    def is_terminal(self, answer):
+        return len(answer) >= self.budget or (len(answer) > 0 and answer[-1] == EOS)
+
+    def decode(self, tokens):
+        return " ".join(map(str, tokens))
+
+    def on_commit(self, answer):
+        self.commits.append(answer)
+
+
+def cfg(**kw) -> RainConfig:
+    return RainConfig(**{"token_set_lengths": (1, 2), "t_min": 2, "t_max": 6, "fresh_iterations": 0, **kw}).validate()
+
+
+def test_first_iteration_expands_root_with_mixed_priors():
+    env = FakeEnv(probs=(0.5, 0.3, 0.2))
+    s = RainSearch(env, cfg())
+    s.iterate()
+    assert [c.tokens for c in s.root.children] == [(1,), (2,), (3,)]
+    expected = 0.75 * np.array([0.5, 0.3, 0.2]) + 0.25 / 3
+    assert [c.prior for c in s.root.children] == pytest.approx(list(expected / expected.sum()))
+    assert env.calls[0] == ("rollout", ())  # evaluate the leaf first, then expand (official order)
+    assert env.calls[2][0] == "propose" and env.calls[2][2] == 1  # depth 0 -> token sets of length 1
+    assert s.root.visits == 1 and s.root.n == 1
+
+
+def test_selection_is_argmax_of_normalised_q_plus_puct():
+    values = {1: -1.0, 2: 0.5, 3: 1.0}
+    env = FakeEnv(probs=(0.5, 0.3, 0.2), value=lambda a: values.get(a[0], 0.0) if a else 0.0)
+    s = RainSearch(env, cfg(c_puct=2.0))
+    s.iterate()  # expand root
+    s.iterate()  # all children unvisited: q_hat = 0, highest prior wins
+    assert s.root.children[0].visits == 1
+    s.iterate()
+    # recompute by hand: q_hat = (q - q_min) / (q_max - q_min + 1e-5) for visited children, else 0
+    q_min, q_max = s.q_min, s.q_max
+    ch = s.root.children
+    # before this third iteration the root had n = 2 and child 0 had q = -1, n = 1
+    scores = []
+    for c, n, q in [(ch[0], 1, -1.0), (ch[1], 0, 0.0), (ch[2], 0, 0.0)]:
+        q_hat = (q - q_min) / (q_max - q_min + 1e-5) if n > 0 else 0.0
+        scores.append(q_hat + 2.0 * c.prior * math.sqrt(2) / (1 + n))
+    chosen = int(np.argmax(scores))
+    assert ch[chosen].visits == 1 and sum(c.visits for c in ch) == 2
+    assert chosen == 1
+
+
+def test_backup_running_mean_along_path():
+    seq = iter([0.0, 1.0, -0.5, 0.25])
+    env = FakeEnv(probs=(1.0,), value=lambda a: next(seq))
+    s = RainSearch(env, cfg(token_set_lengths=(1,)))
+    for _ in range(4):
+        s.iterate()
+    # a single chain: root -> (1,) -> (1,) -> (1,)
+    a = s.root.children[0]
+    b = a.children[0]
+    c = b.children[0]
+    assert s.root.visits == 4 and s.root.q == pytest.approx((0.0 + 1.0 - 0.5 + 0.25) / 4)
+    assert a.visits == 3 and a.q == pytest.approx((1.0 - 0.5 + 0.25) / 3)
+    assert b.visits == 2 and b.q == pytest.approx((-0.5 + 0.25) / 2)
+    assert c.visits == 1 and c.q == pytest.approx(0.25)
+    assert s.stats.rewinds == 4
+    assert s.q_min == -1.0 and s.q_max == 1.0
+
+
+def test_similarity_update_moves_similar_siblings():
+    # children 1 and 2 embed identically (cosine 1); child 3 is orthogonal
+    emb = {1: np.array([1.0, 0, 0]), 2: np.array([1.0, 0, 0]), 3: np.array([0, 1.0, 0])}
+    values = {1: 0.6, 2: -0.4, 3: 0.0}
+    env = FakeEnv(probs=(0.5, 0.3, 0.2), value=lambda a: values[a[0]] if a else 0.0,
+                  embed=lambda span: emb[span[0]])
+    s = RainSearch(env, cfg(similarity_gamma=0.2, similarity_threshold=0.95))
+    s.iterate()  # root
+    s.iterate()  # child 1 visited, value 0.6: siblings have no embedding yet -> no update
+    c1, c2, c3 = s.root.children
+    assert c1.visits == 1 and c2.n == 0 and c1.similarity_updates == 0
+    # force the next selection onto child 2
+    c1.prior, c2.prior, c3.prior = 0.0, 1.0, 0.0
+    s.iterate()  # child 2 visited, value -0.4; child 1 is identical -> n += 0.2, q moves toward -0.4
+    assert c2.visits == 1
+    assert c1.n == pytest.approx(1.2)
+    assert c1.q == pytest.approx((0.6 * 1 + 0.2 * -0.4) / 1.2)
+    assert c1.similarity_updates == 1 and c3.similarity_updates == 0
+    assert c1.visits == 1  # real visits unchanged
+    assert s.stats.similarity_updates == 1
+
+
+def test_dynamic_addition_when_siblings_alike_and_bad():
+    same = np.array([1.0, 0.0])
+    env = FakeEnv(probs=(0.6, 0.4, 0.3, 0.2), value=lambda a: -1.0, embed=lambda span: same)
+    s = RainSearch(env, cfg(num_candidates=2, t_max=50))
+    s.iterate()  # root gets children (1,), (2,)
+    s.iterate()
+    s.iterate()  # both children visited, identical embeddings, q = -1 < 0
+    assert len(s.root.children) == 2
+    s.iterate()  # selection at the root adds the next most likely token
+    added = [c for c in s.root.children if c.dynamic]
+    assert [c.tokens for c in added] == [(3,)]
+    assert s.stats.dynamic_additions == 1
+    assert env.calls[-4][0] == "propose" and env.calls[-4][3] == 3  # asked for the top-(children + 1)
+
+
+def test_no_dynamic_addition_when_a_child_is_good():
+    same = np.array([1.0, 0.0])
+    env = FakeEnv(probs=(0.6, 0.4, 0.3), value=lambda a: 1.0 if a and a[0] == 1 else -1.0, embed=lambda s: same)
+    s = RainSearch(env, cfg(num_candidates=2))
+    for _ in range(5):
+        s.iterate()
+    assert s.stats.dynamic_additions == 0
+
+
+def test_best_child_most_visits_then_q():
+    s = RainSearch(FakeEnv(), cfg())
+    a = Node((1,), 1, parent=s.root, n=3, q=0.1)
+    b = Node((2,), 1, parent=s.root, n=3, q=0.5)
+    c = Node((3,), 1, parent=s.root, n=2, q=0.9)
+    s.root.children = [a, b, c]
+    assert s.best_child(s.root) is b
+
+
+def test_commit_keeps_subtree_and_remixes_priors():
+    env = FakeEnv(probs=(0.5, 0.5))
+    s = RainSearch(env, cfg())
+    for _ in range(4):
+        s.iterate()
+    best = s.best_child(s.root)
+    grand = [c.prior for c in best.children]
+    s.commit(best)
+    assert s.root is best and best.parent is None and s.answer == best.tokens
+    mixed = 0.75 * np.array(grand) + 0.25 / len(grand)
+    assert [c.prior for c in best.children] == pytest.approx(list(mixed / mixed.sum()))
+    assert env.commits == [best.tokens]
+
+
+def test_early_stop_once_best_child_is_good_enough():
+    env = FakeEnv(probs=(0.9, 0.1), value=lambda a: 1.0, budget=1)
+    s = RainSearch(env, cfg(t_min=2, t_max=50, value_threshold=0.8))
+    result = s.run()
+    # stop as soon as the most visited child has more than t_min visits and q > V:
+    # iteration 1 expands, then the best child needs 3 visits -> 4 iterations
+    assert result.stats.iterations_per_step == [4]
+    assert result.tokens == (1,)
+
+
+def test_runs_t_max_iterations_when_nothing_is_good():
+    env = FakeEnv(probs=(0.5, 0.5), value=lambda a: 0.0, budget=1)
+    result = RainSearch(env, cfg(t_min=2, t_max=7)).run()
+    assert result.stats.iterations_per_step == [7]
+
+
+def test_visits_below_new_root_count_toward_t_max():
+    env = FakeEnv(probs=(1.0,), value=lambda a: 0.0, budget=3)
+    result = RainSearch(env, cfg(token_set_lengths=(1,), t_max=6, fresh_iterations=0)).run()
+    # step 1: 6 iterations; the chain's child has 5 of them, so step 2 runs 1, and so on
+    assert result.stats.iterations_per_step[0] == 6
+    assert result.stats.iterations_per_step[1] == 1
+    assert result.tokens == (1, 1, 1)
+
+
+def test_fresh_iterations_guarantee_new_work():
+    env = FakeEnv(probs=(1.0,), value=lambda a: 0.0, budget=2)
+    result = RainSearch(env, cfg(token_set_lengths=(1,), t_max=6, fresh_iterations=4)).run()
+    assert result.stats.iterations_per_step == [6, 4]  # max(t_max, visits + fresh) - visits
+
+
+def test_stops_at_end_of_answer_token():
+    # candidates (1,) and EOS-like (0,) with the EOS set preferred and good
+    env = FakeEnv(probs=(0.3, 0.7), value=lambda a: 1.0 if a and a[-1] == EOS else 0.0, budget=10)
+    env.propose = lambda answer, length, n, attempts: [((1,) * length, 0.3), ((EOS,), 0.7)]
+    result = RainSearch(env, cfg(t_min=1)).run()
+    assert result.tokens[-1] == EOS
+    assert len(result.tokens) < 10
+
+
+def test_token_set_lengths_grow_with_depth():
+    env = FakeEnv(probs=(1.0,), budget=20)
+    s = RainSearch(env, cfg(token_set_lengths=(1, 2, 4), t_max=4))
+    s.run()
+    lengths = [c[2] for c in env.calls if c[0] == "propose"]
+    assert lengths[:4] == [1, 2, 4, 4]
+
+
+def test_terminal_leaf_is_evaluated_not_expanded():
+    env = FakeEnv(probs=(1.0,), budget=1)
+    s = RainSearch(env, cfg(token_set_lengths=(1,)))
+    for _ in range(3):
+        s.iterate()
+    leaf = s.root.children[0]
+    assert leaf.children == [] and leaf.visits == 2
+    assert s.stats.terminal_evaluations == 2
+
+
+def test_deterministic_under_seed():
+    def run(seed):
+        env = FakeEnv(probs=(0.4, 0.3, 0.2, 0.1), value=lambda a: ((sum(a) * 7919) % 13) / 6.0 - 1.0,
+                      budget=5, seed=seed)
+        r = RainSearch(env, cfg(t_max=8, token_set_lengths=(1,)), trace=True).run()
+        return r.tokens, r.stats.iterations_per_step, [st.tree for st in r.steps]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_trace_records_every_node():
+    env = FakeEnv(probs=(0.5, 0.5), budget=2)
+    r = RainSearch(env, cfg(t_max=3), trace=True).run()
+    tree = r.steps[0].tree
+    assert set(tree) >= {"tokens", "text", "visits", "value", "prior", "similarity_updates", "dynamic", "children"}
+    assert len(tree["children"]) == 2 and tree["visits"] == 3
