@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rain_llm.engine.base import Row
 from rain_llm.engine.hf import HFEngine
 
 TOL = 1e-4
@@ -157,3 +158,17 @@ def test_vanilla_generate_equals_transformers_greedy(tiny, tokenizer, ctx):
         ref = model.generate(torch.tensor([ctx]), max_new_tokens=8, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     assert ours == ref[0, len(ctx):].tolist()[:len(ours)]
+
+
+def test_rows_with_their_own_rules_in_one_batch(tiny, tokenizer, ctx):
+    _, model = tiny
+    rows = [Row(5, 2.0, 15, greedy=True), Row(5, 2.0, 15), Row(8, 1.0, 0, done=lambda t: len(t) >= 3)]
+    uniforms = np.random.default_rng(1).random((3, 8))
+    eng = make(model, tokenizer)
+    batch = eng.decode_rows(ctx, rows, uniforms)
+    assert [len(s.tokens) for s in batch][:2] == [5, 5] or any(t == tokenizer.eos_token_id for t in batch[0].tokens)
+    assert len(batch[2].tokens) == 3  # its own stop rule
+    for i, row in enumerate(rows):
+        alone = make(model, tokenizer).decode_rows(ctx, [row], uniforms[i:i + 1])[0]
+        assert alone.tokens == batch[i].tokens
+        assert alone.logprob == pytest.approx(batch[i].logprob, abs=1e-4)

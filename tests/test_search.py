@@ -26,8 +26,15 @@ class FakeEnv:
         self.calls: list[tuple] = []
         self.commits: list[tuple] = []
 
+    def expand(self, answer, length, n, attempts):
+        self.calls.append(("expand", answer, length, n, attempts))
+        return self._candidates(length, n), self.rollout_tokens
+
     def propose(self, answer, length, n, attempts):
         self.calls.append(("propose", answer, length, n, attempts))
+        return self._candidates(length, n)
+
+    def _candidates(self, length, n):
         probs = self.probs
         if self.rng is not None:
             probs = tuple(self.rng.dirichlet(np.ones(len(self.probs))))
@@ -65,8 +72,8 @@ def test_first_iteration_expands_root_with_mixed_priors():
     assert [c.tokens for c in s.root.children] == [(1,), (2,), (3,)]
     expected = 0.75 * np.array([0.5, 0.3, 0.2]) + 0.25 / 3
     assert [c.prior for c in s.root.children] == pytest.approx(list(expected / expected.sum()))
-    assert env.calls[0] == ("rollout", ())  # evaluate the leaf first, then expand (official order)
-    assert env.calls[2][0] == "propose" and env.calls[2][2] == 1  # depth 0 -> token sets of length 1
+    assert env.calls[0] == ("expand", (), 1, 10, 9)  # depth 0 -> token sets of length 1; k = 10
+    assert env.calls[1] == ("value", ())  # the leaf (plus its rollout) is evaluated
     assert s.root.visits == 1 and s.root.n == 1
 
 
@@ -143,7 +150,7 @@ def test_dynamic_addition_when_siblings_alike_and_bad():
     added = [c for c in s.root.children if c.dynamic]
     assert [c.tokens for c in added] == [(3,)]
     assert s.stats.dynamic_additions == 1
-    assert env.calls[-4][0] == "propose" and env.calls[-4][3] == 3  # asked for the top-(children + 1)
+    assert [c for c in env.calls if c[0] == "propose"] == [("propose", (), 1, 3, 0)]  # top-(children + 1)
 
 
 def test_no_dynamic_addition_when_a_child_is_good():
@@ -212,7 +219,7 @@ def test_fresh_iterations_guarantee_new_work():
 def test_stops_at_end_of_answer_token():
     # candidates (1,) and EOS-like (0,) with the EOS set preferred and good
     env = FakeEnv(probs=(0.3, 0.7), value=lambda a: 1.0 if a and a[-1] == EOS else 0.0, budget=10)
-    env.propose = lambda answer, length, n, attempts: [((1,) * length, 0.3), ((EOS,), 0.7)]
+    env._candidates = lambda length, n: [((1,) * length, 0.3), ((EOS,), 0.7)]
     result = RainSearch(env, cfg(t_min=1)).run()
     assert result.tokens[-1] == EOS
     assert len(result.tokens) < 10
@@ -222,7 +229,7 @@ def test_token_set_lengths_grow_with_depth():
     env = FakeEnv(probs=(1.0,), budget=20)
     s = RainSearch(env, cfg(token_set_lengths=(1, 2, 4), t_max=4))
     s.run()
-    lengths = [c[2] for c in env.calls if c[0] == "propose"]
+    lengths = [c[2] for c in env.calls if c[0] == "expand"]
     assert lengths[:4] == [1, 2, 4, 4]
 
 

@@ -64,7 +64,7 @@ class Rain:
     @property
     def embedder(self) -> MiniLMEmbedder:
         if self._embedder is None:  # loaded on first RAIN call: vanilla decoding never needs it
-            self._embedder = MiniLMEmbedder(device=self.engine.device)
+            self._embedder = MiniLMEmbedder.load(device=self.engine.device)
         return self._embedder
 
     def generate(self, prompt: str, config: RainConfig | None = None, *, trace: bool = False,

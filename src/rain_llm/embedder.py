@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,16 +31,21 @@ def minilm_path() -> Path:
 class MiniLMEmbedder:
     """Batch sentence embedder; counts its forward passes like the engine does."""
 
-    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(path) if path is not None else minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
-        self.device = torch.device(device)
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 256):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
         self.max_length = max_length
         self.counters = Counters()
         self.counters.current = "embed"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> MiniLMEmbedder:
+        """The packaged all-MiniLM-L6-v2 (or a sentence-transformers folder at `path`)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path) if path is not None else minilm_path()
+        return cls(AutoModel.from_pretrained(path).to(device), AutoTokenizer.from_pretrained(path))
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import RainConfig
 from .embedder import MiniLMEmbedder
-from .engine.base import Engine
+from .engine.base import Engine, Row, Sample
 from .evaluators import SelfEvaluator
 from .prompts import PromptFormat
 from .search import Tokens
@@ -38,9 +38,24 @@ class ModelEnv:
         return self.fmt.clean(self.engine.decode(answer))
 
     # ------------------------------------------------------------------ SearchEnv
+    def expand(self, answer: Tokens, length: int, n: int, attempts: int) -> tuple[list[tuple[Tokens, float]], Tokens]:
+        """Candidates and the rollout in one batch: the rollout is one more row of the
+        expansion's decode, with its own sampling rule (full distribution) and stop rule."""
+        length = self._clip(answer, length)
+        rollout_row = self._rollout_row(answer)
+        if length == 1 or rollout_row is None:
+            candidates = self.propose(answer, length, n, attempts)
+            return candidates, self.rollout(answer) if rollout_row is not None else ()
+        cfg = self.cfg
+        rows = [Row(length, cfg.temperature, cfg.top_k, greedy=True)]
+        rows += [Row(length, cfg.temperature, cfg.top_k) for _ in range(attempts)]
+        with self.engine.counters.phase("expand"):
+            samples = self.engine.decode_rows(self.context + list(answer), rows + [rollout_row])
+        return self._candidates(samples[:-1], n), tuple(samples[-1].tokens)
+
     def propose(self, answer: Tokens, length: int, n: int, attempts: int) -> list[tuple[Tokens, float]]:
         cfg = self.cfg
-        length = max(1, min(length, cfg.max_new_tokens - len(answer)))
+        length = self._clip(answer, length)
         ctx = self.context + list(answer)
         with self.engine.counters.phase("expand"):
             if length == 1:  # official: the top-k tokens with their probabilities (no sampling)
@@ -51,6 +66,14 @@ class ModelEnv:
                 return [((int(t),), float(pt)) for t, pt in zip(top, p)]
             samples = self.engine.sample(ctx, 1 + attempts, length, temperature=cfg.temperature,
                                          top_k=cfg.top_k, greedy_first=True)
+        return self._candidates(samples, n)
+
+    def _clip(self, answer: Tokens, length: int) -> int:
+        return max(1, min(length, self.cfg.max_new_tokens - len(answer)))
+
+    @staticmethod
+    def _candidates(samples: list[Sample], n: int) -> list[tuple[Tokens, float]]:
+        """Greedy first, then distinct samples (official group_getp)."""
         greedy = samples[0]
         seen = {tuple(greedy.tokens)}
         others: list[tuple[Tokens, float]] = []
@@ -60,23 +83,25 @@ class ModelEnv:
                 seen.add(t)
                 others.append((t, float(np.exp(s.logprob))))
         gp = float(np.exp(greedy.logprob))
-        if others:  # official group_getp(): keep the greedy prior between max+min and the sum of the others
+        if others:  # official: keep the greedy prior between max + min and the sum of the others
             ps = np.array([p for _, p in others])
             gp = max(min(gp, float(ps.sum())), float(ps.max() + ps.min()))
         return [(tuple(greedy.tokens), gp)] + others
 
-    def rollout(self, answer: Tokens) -> Tokens:
+    def _rollout_row(self, answer: Tokens) -> Row | None:
+        """The simulation's decode rule, or None where the answer already ends a clause."""
         if self._ends_clause(self.engine.decode(answer)):
-            return ()
+            return None
         tail = list(answer[-8:])
+        return Row(self.cfg.max_rollout_tokens, self.cfg.rollout_temperature, 0,
+                   done=lambda tokens: self._ends_clause(self.engine.decode(tail + tokens)))
 
-        def done(tokens: list[int]) -> bool:
-            return self._ends_clause(self.engine.decode(tail + tokens))
-
+    def rollout(self, answer: Tokens) -> Tokens:
+        row = self._rollout_row(answer)
+        if row is None:
+            return ()
         with self.engine.counters.phase("simulate"):
-            out = self.engine.rollout(self.context + list(answer), self.cfg.max_rollout_tokens,
-                                      temperature=self.cfg.rollout_temperature, done=done)
-        return tuple(out)
+            return tuple(self.engine.decode_rows(self.context + list(answer), [row])[0].tokens)
 
     def _ends_clause(self, text: str) -> bool:
         return (bool(text) and text[-1] in self.cfg.rollout_stop_chars) or self.fmt.ended(text)

@@ -6,8 +6,9 @@ small functions (as in DeepMind's mctx), so the search can be read, traced and t
 One inner-loop iteration (`RainSearch.iterate`):
   1. select   from the root down by argmax q_hat + u (adding candidates where siblings are all
               alike and bad: dynamic node addition);
-  2. evaluate the leaf: continue it to the next punctuation mark (rollout), then self-evaluate;
-  3. expand   the leaf with k candidate token sets (unless the answer has ended);
+  2. expand   the leaf with k candidate token sets (unless the answer has ended), and continue
+              it to the next punctuation mark (rollout; the engine may batch both);
+  3. evaluate the leaf plus rollout by self-evaluation;
   4. rewind   back the value up the path, and to siblings with similar sentence embeddings.
 The outer loop (`RainSearch.run`) commits the most-visited child of the root once it is
 good enough, keeps its subtree, and repeats until the answer ends.
@@ -37,6 +38,10 @@ class SearchEnv(Protocol):
         length 1: the n most likely tokens; longer: the greedy set plus up to `attempts`
         sampled sets, duplicates dropped, at most n in all. Sets may be shorter than
         `length` where they end the answer (end of turn, budget)."""
+
+    def expand(self, answer: Tokens, length: int, n: int, attempts: int) -> tuple[list[tuple[Tokens, float]], Tokens]:
+        """`propose(answer, length, n, attempts)` and `rollout(answer)` together (a backend
+        may run them as one batch)."""
 
     def rollout(self, answer: Tokens) -> Tokens:
         """Tokens sampled after `answer` up to the next punctuation mark or end of turn."""
@@ -177,20 +182,21 @@ class RainSearch:
 
     # ------------------------------------------------------------------ inner loop
     def iterate(self) -> None:
-        """select -> (rollout + evaluate) -> expand -> rewind."""
+        """select -> expand (with the rollout) -> evaluate -> rewind."""
         node = self.root
         answer = self.answer
         while node.children:
             self._maybe_add_children(node, answer)
             node = self.select(node)
             answer = answer + node.tokens
-        terminal = self.env.is_terminal(answer)
-        rollout = () if terminal else self.env.rollout(answer)
-        value = self.env.value(answer + rollout)
-        if terminal:
+        if self.env.is_terminal(answer):
             self.stats.terminal_evaluations += 1
-        else:
-            self.expand(node, answer)
+            self.backup(node, self.env.value(answer), ())
+            return
+        length = token_set_length(self.cfg, node.depth)
+        candidates, rollout = self.env.expand(answer, length, self.cfg.num_candidates, self.cfg.sample_attempts)
+        value = self.env.value(answer + rollout)  # evaluate the leaf (official: before expanding it)
+        self.add_children(node, candidates)
         self.backup(node, value, rollout)
 
     def select(self, node: Node) -> Node:
@@ -204,9 +210,8 @@ class RainSearch:
 
         return max(node.children, key=score)
 
-    def expand(self, node: Node, answer: Tokens) -> None:
-        length = token_set_length(self.cfg, node.depth)
-        candidates = self.env.propose(answer, length, self.cfg.num_candidates, self.cfg.sample_attempts)
+    def add_children(self, node: Node, candidates: list[tuple[Tokens, float]]) -> None:
+        """Children with priors = normalised sequence probabilities (mixed with uniform at the root)."""
         probs = np.array([p for _, p in candidates], dtype=np.float64)
         priors = probs / probs.sum() if probs.sum() > 0 else np.full(len(probs), 1 / len(probs))
         if node is self.root:

@@ -82,6 +82,17 @@ class Sample:
     logprob: float
 
 
+@dataclass
+class Row:
+    """How one row of a batched decode samples and when it stops."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0: the whole vocabulary
+    greedy: bool = False
+    done: Callable[[list[int]], bool] | None = None  # extra stop rule on the row's tokens so far
+
+
 class Engine(Protocol):
     """A causal LM seen as token ids. Implementations: `rain_llm.engine.hf.HFEngine`."""
 
@@ -95,6 +106,10 @@ class Engine(Protocol):
 
     def next_logits(self, context: Sequence[int]) -> np.ndarray:
         """Next-token logits (float32, vocabulary-sized) after `context`."""
+
+    def decode_rows(self, context: Sequence[int], rows: Sequence[Row],
+                    uniforms: np.ndarray | None = None) -> list[Sample]:
+        """Rows with their own sampling and stop rules, decoded as one batch over `context`."""
 
     def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
                greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:

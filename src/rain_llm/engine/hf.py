@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import RainError
-from .base import Counters, Sample
+from .base import Counters, Row, Sample
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, len, dim]
 
@@ -190,6 +190,15 @@ def _buffer_cache(segments: list[KV], rows: int, capacity: int) -> DynamicCache 
     return cache
 
 
+def _select_rows(cache: DynamicCache, rows: list[int]) -> None:
+    """Keep only some batch rows of a buffer cache (finished rows leave the batch)."""
+    index = torch.tensor(rows)
+    for layer in cache.layers:
+        layer.kbuf = layer.kbuf.index_select(0, index.to(layer.kbuf.device))
+        layer.vbuf = layer.vbuf.index_select(0, index.to(layer.vbuf.device))
+        layer.keys, layer.values = layer.kbuf[:, :, :layer.length], layer.vbuf[:, :, :layer.length]
+
+
 def _cache_kv(cache: DynamicCache, start: int, end: int, row: int = 0) -> KV:
     """Copy positions [start, end) of one row out of a cache (for storing in the prefix tree)."""
     return [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
@@ -300,73 +309,89 @@ class HFEngine:
                 pick: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
                 done: Callable[[int, list[int]], bool]) -> tuple[list[list[int]], list[float]]:
         """Shared decode loop: `pick(logits [rows, vocab], step) -> (tokens, logprobs)`;
-        a row stops once `done(row, its tokens)`. Stores each row's KV in the prefix tree."""
+        a row stops once `done(row, its tokens)`. Finished rows leave the batch (their KV goes
+        to the prefix tree first), so a long row does not drag the short ones along."""
         cache, logits, node = self._prefill(context, rows, length)
         start = len(context)
-        step_logits = logits.unsqueeze(0).expand(rows, -1)
+        vocab = logits.shape[-1]
+        step_logits = logits.unsqueeze(0).expand(rows, vocab)  # [rows, vocab]; finished rows are stale
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprob = [0.0] * rows
-        finished = [False] * rows
+        active = list(range(rows))  # original row index of each batch row in the cache
         last_logits: list[torch.Tensor] = [logits] * rows  # logits after each row's last fed token
         for step in range(length):
             chosen, lp = pick(step_logits, step)
             chosen_list, lp_list = chosen.tolist(), lp.tolist()
-            for r in range(rows):
-                if not finished[r]:
-                    tokens[r].append(chosen_list[r])
-                    logprob[r] += lp_list[r]
-                    finished[r] = done(r, tokens[r])
-            if all(finished) or step == length - 1:
+            still = []
+            for slot, r in enumerate(active):
+                tokens[r].append(chosen_list[r])
+                logprob[r] += lp_list[r]
+                if done(r, tokens[r]) or step == length - 1:
+                    self._store(node, tokens[r][:-1], cache, start, slot, last_logits[r])
+                else:
+                    still.append(slot)
+            if not still:
                 break
-            out, cache = self._forward(chosen.view(rows, 1), cache)
-            step_logits = out[:, -1]
-            for r in range(rows):
-                if not finished[r]:
-                    last_logits[r] = step_logits[r]
-        for r in range(rows):  # every token but each row's last was fed
-            self._store(node, tokens[r][:-1], cache, start, r, last_logits[r])
+            if len(still) < len(active):
+                _select_rows(cache, still)
+                active = [active[slot] for slot in still]
+            out, cache = self._forward(torch.tensor([[chosen_list[r]] for r in active]), cache)
+            fresh = out[:, -1]
+            step_logits = step_logits.clone() if step == 0 else step_logits
+            for slot, r in enumerate(active):
+                last_logits[r] = fresh[slot]
+                step_logits[r] = fresh[slot]
         return tokens, logprob
+
+    def decode_rows(self, context: Sequence[int], rows: Sequence[Row],
+                    uniforms: np.ndarray | None = None) -> list[Sample]:
+        """Decode several rows as one batch over the shared context, each with its own
+        sampling rule and stop rule. Row r samples with uniforms[r, step] (inverse CDF), so a
+        row gives the same tokens alone or in a batch."""
+        n, length = len(rows), max(r.max_tokens for r in rows)
+        if uniforms is None:
+            uniforms = torch.rand(n, length, generator=self.generator, dtype=torch.float64).numpy()
+        u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64).reshape(n, -1))
+        groups: dict[tuple[float, int], list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault((r.temperature, r.top_k), []).append(i)
+        greedy = [i for i, r in enumerate(rows) if r.greedy]
+
+        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen = torch.zeros(n, dtype=torch.long)
+            logprob = torch.zeros(n, dtype=torch.float64)
+            for (temperature, top_k), idx in groups.items():
+                probs = _warp(logits[idx], temperature, top_k)
+                picked = _inverse_cdf(probs, u[idx, step])
+                for j, i in enumerate(idx):
+                    if i in greedy:
+                        picked[j] = int(torch.argmax(probs[j]))
+                lp = torch.log(probs.gather(1, picked.view(-1, 1).to(probs.device)).squeeze(1)).double().cpu()
+                chosen[idx], logprob[idx] = picked, lp
+            return chosen, logprob
+
+        stops = self.stop_ids
+
+        def done(i: int, tokens: list[int]) -> bool:
+            row = rows[i]
+            return (tokens[-1] in stops or len(tokens) >= row.max_tokens
+                    or (row.done is not None and row.done(tokens)))
+
+        tokens, logprob = self._decode(context, n, length, pick, done)
+        return [Sample(t, lp) for t, lp in zip(tokens, logprob)]
 
     def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
                greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:
-        if uniforms is None:
-            uniforms = torch.rand(rows, length, generator=self.generator, dtype=torch.float64).numpy()
-        u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64).reshape(rows, length))
-
-        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            probs = _warp(logits, temperature, top_k)
-            chosen = _inverse_cdf(probs, u[:, step])
-            if greedy_first:
-                chosen[0] = int(torch.argmax(probs[0]))
-            return chosen, torch.log(probs.gather(1, chosen.view(-1, 1).to(probs.device)).squeeze(1)).cpu()
-
-        stops = self.stop_ids
-        tokens, logprob = self._decode(context, rows, length, pick, lambda r, t: t[-1] in stops)
-        return [Sample(t, lp) for t, lp in zip(tokens, logprob)]
+        specs = [Row(length, temperature, top_k, greedy=greedy_first and i == 0) for i in range(rows)]
+        return self.decode_rows(context, specs, uniforms)
 
     def rollout(self, context: Sequence[int], max_tokens: int, *, temperature: float,
                 done: Callable[[list[int]], bool]) -> list[int]:
-        u = torch.rand(1, max_tokens, generator=self.generator, dtype=torch.float64)
-
-        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            probs = _warp(logits, temperature, 0)
-            return _inverse_cdf(probs, u[:, step]), torch.zeros(1)
-
-        stops = self.stop_ids
-        tokens, _ = self._decode(context, 1, max_tokens, pick, lambda r, t: t[-1] in stops or done(t))
-        return tokens[0]
+        return self.decode_rows(context, [Row(max_tokens, temperature, 0, done=done)])[0].tokens
 
     def generate(self, context: Sequence[int], max_tokens: int, *, temperature: float = 0.0) -> list[int]:
-        u = torch.rand(1, max_tokens, generator=self.generator, dtype=torch.float64)
-
-        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if temperature <= 0:
-                return torch.argmax(logits, dim=-1).cpu(), torch.zeros(1)
-            return _inverse_cdf(_warp(logits, temperature, 0), u[:, step]), torch.zeros(1)
-
-        stops = self.stop_ids
-        tokens, _ = self._decode(context, 1, max_tokens, pick, lambda r, t: t[-1] in stops)
-        return tokens[0]
+        row = Row(max_tokens, 1.0, 0, greedy=True) if temperature <= 0 else Row(max_tokens, temperature, 0)
+        return self.decode_rows(context, [row])[0].tokens
 
     # ------------------------------------------------------------------ scoring
     def score_options(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],

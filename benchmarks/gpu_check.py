@@ -1,0 +1,189 @@
+"""One prepared script for a GPU machine: CUDA correctness of the engine, then RAIN vs vanilla timing.
+
+No weights are available there, so models are random, built from configs, with real tokenizers
+(SmolLM2's and MiniLM's, carried in an assets folder made by `--make-assets` here):
+
+    .venv/bin/python benchmarks/gpu_check.py --make-assets .gpu_assets        # on this machine
+    python3 benchmarks/gpu_check.py --assets .gpu_assets --out $OUT/gpu.json  # on the GPU machine
+    .venv/bin/python benchmarks/gpu_check.py --assets .gpu_assets --tiny      # CPU dry run
+
+Part 1: tiny Llama and Gemma 3 (sliding window) in float32 and bfloat16 on the device: logits
+through every reuse path against a full forward, and the option scoring.
+Part 2: a Llama-3-8B-shaped model (bf16, vocabulary of the carried tokenizer): vanilla decoding
+with our engine and with transformers `generate` (KV cache), then RAIN (paper-hh settings, a
+fixed iteration budget per step so runs compare), with KV reuse on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPT = "How do I pick a lock?"
+
+
+def make_assets(target: Path) -> None:
+    from rain_llm.embedder import minilm_path
+    from rain_llm.models import converted_folder, default_gguf
+
+    src = converted_folder(default_gguf())
+    (target / "lm").mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
+                 "generation_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, target / "lm" / name)
+    (target / "minilm").mkdir(exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / name, target / "minilm" / name)
+    print(f"assets in {target}")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def correctness(tok, device: str) -> list[dict]:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from rain_llm.engine.hf import HFEngine
+
+    results = []
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+    ctx = tok("The quick brown fox jumps over the lazy dog, and then it ran far away.")["input_ids"]
+    for arch in ("llama", "gemma3"):
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            if arch == "llama":
+                model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
+            else:
+                model = Gemma3ForCausalLM(Gemma3TextConfig(num_hidden_layers=3, head_dim=32, sliding_window=4,
+                                                           layer_types=["sliding_attention"] * 2 + ["full_attention"],
+                                                           **common))
+            model = model.to(device=device, dtype=dtype).eval()
+            eng = HFEngine(model, tok, stop_ids=[tok.eos_token_id])
+
+            def full(ids, model=model):
+                with torch.no_grad():
+                    return model(torch.tensor([list(ids)], device=device)).logits[0, -1].float().cpu()
+
+            diffs = []
+            for ids in (ctx, ctx, ctx[:7], ctx[:5] + [42, 43], ctx + [100, 200]):
+                diffs.append(float((torch.tensor(eng.next_logits(ids)) - full(ids)).abs().max()))
+            rows = eng.sample(ctx, 4, 5, temperature=1.0, top_k=15, greedy_first=True)
+            for r in rows:
+                diffs.append(float((torch.tensor(eng.next_logits(ctx + r.tokens)) - full(ctx + r.tokens)).abs().max()))
+            got = eng.score_options(ctx, [[11, 12, 13], [14, 15]], [32, 33])
+            ref = [torch.softmax(full(ctx + s), -1)[[32, 33]].tolist() for s in ([11, 12, 13], [14, 15])]
+            score_err = float((torch.tensor(got) - torch.tensor(ref)).abs().max())
+            tol = 2e-3 if dtype == torch.float32 else 0.25  # bf16: different kernel paths round differently
+            ok = max(diffs) < tol and score_err < 1e-3
+            results.append({"arch": arch, "dtype": str(dtype), "max_logit_diff": max(diffs),
+                            "score_diff": score_err, "ok": ok})
+            print(f"{arch:7s} {str(dtype):15s} max logit diff {max(diffs):.2e} score diff {score_err:.2e} "
+                  f"{'PASS' if ok else 'FAIL'}", flush=True)
+    return results
+
+
+def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_max: int) -> dict:
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    from rain_llm import Rain, load_config
+    from rain_llm.embedder import MiniLMEmbedder
+
+    if tiny:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    else:  # Llama-3-8B shapes (vocabulary: the carried tokenizer's)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                          rope_theta=500000.0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).eval()
+        bert = BertModel(BertConfig.from_pretrained(minilm_dir)).eval()
+    torch.set_default_dtype(torch.float32)
+    embedder = MiniLMEmbedder(bert, AutoTokenizer.from_pretrained(minilm_dir))
+    rain = Rain(model, tok, embedder=embedder, name="llama3-8b-shape-random" if not tiny else "tiny")
+    out: dict = {"model": rain.name, "dtype": str(dtype), "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
+
+    ids = rain.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                             return_dict=False)
+    # random weights rarely emit EOS; stop ids are cleared so every run decodes the full budget
+    rain.engine.stop_ids = frozenset()
+    with torch.no_grad():  # transformers generate with KV cache: the baseline a user would compare with
+        model.generate(torch.tensor([ids], device=device), max_new_tokens=4, do_sample=False)
+        sync()
+        t = time.perf_counter()
+        model.generate(torch.tensor([ids], device=device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False)
+        sync()
+        out["hf_generate_s_per_token"] = (time.perf_counter() - t) / new_tokens
+    base = load_config("paper-hh", max_new_tokens=new_tokens, t_max=t_max, fresh_iterations=0,
+                       value_threshold=2.0)  # never early-stop: a fixed budget per step
+    rain.generate(PROMPT, base, method="vanilla", max_new_tokens=4)
+    for name, kw in (("vanilla", {"method": "vanilla"}), ("rain", {}), ("rain-no-reuse", {"reuse_cache": False})):
+        sync()
+        t = time.perf_counter()
+        g = rain.generate(PROMPT, base, **kw)
+        sync()
+        sec = time.perf_counter() - t
+        n = max(len(g.token_ids), 1)
+        out[name] = {"s_per_token": sec / n, "answer_tokens": n, "seconds": sec,
+                     "iterations_per_step": g.stats.get("iterations_per_step"), "compute": g.stats["compute"]}
+        print(f"{name:14s} {sec / n * 1000:8.1f} ms/token  {g.stats['compute']['total']}", flush=True)
+    v = out["vanilla"]["s_per_token"]
+    out["ratios"] = {"rain_vs_vanilla": out["rain"]["s_per_token"] / v,
+                     "rain_vs_hf_generate": out["rain"]["s_per_token"] / out["hf_generate_s_per_token"],
+                     "no_reuse_vs_reuse": out["rain-no-reuse"]["s_per_token"] / out["rain"]["s_per_token"]}
+    print(json.dumps(out["ratios"]), flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--make-assets", type=Path)
+    ap.add_argument("--assets", type=Path, default=ROOT / ".gpu_assets")
+    ap.add_argument("--tiny", action="store_true", help="tiny model instead of the 8B shape (CPU dry run)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--t-max", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    args = ap.parse_args()
+    if args.make_assets:
+        make_assets(args.make_assets)
+        return 0
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(args.assets / "lm")
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__}
+    import transformers
+
+    report["transformers"] = transformers.__version__
+    print(report, flush=True)
+    report["correctness"] = correctness(tok, device)
+    args.out.write_text(json.dumps(report, indent=1))
+    report["timing"] = timing(tok, args.assets / "minilm", device, args.tiny, args.new_tokens, args.t_max)
+    args.out.write_text(json.dumps(report, indent=1))
+    return 0 if all(r["ok"] for r in report["correctness"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
