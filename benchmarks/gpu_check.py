@@ -135,7 +135,8 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
     # rollout is capped near what the real default model averages (about 3 tokens)
     base = load_config("paper-hh", max_new_tokens=new_tokens, t_max=t_max, fresh_iterations=0,
                        value_threshold=2.0, max_rollout_tokens=8)
-    rain.generate(PROMPT, base, method="vanilla", max_new_tokens=4)
+    for kw in ({"method": "vanilla"}, {}, {"reuse_cache": False}):  # warm-up: kernels, allocator, embedder
+        rain.generate(PROMPT, base, max_new_tokens=4, **kw)
     for name, kw in (("vanilla", {"method": "vanilla"}), ("rain", {}), ("rain-no-reuse", {"reuse_cache": False})):
         sync()
         t = time.perf_counter()
@@ -145,7 +146,8 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
         n = max(len(g.token_ids), 1)
         out[name] = {"s_per_token": sec / n, "answer_tokens": n, "seconds": sec,
                      "iterations_per_step": g.stats.get("iterations_per_step"), "compute": g.stats["compute"]}
-        print(f"{name:14s} {sec / n * 1000:8.1f} ms/token  {g.stats['compute']['total']}", flush=True)
+        phases = {k: (c["forward_passes"], round(c.get("seconds", 0), 2)) for k, c in g.stats["compute"].items()}
+        print(f"{name:14s} {sec / n * 1000:8.1f} ms/token  {phases}", flush=True)
     v = out["vanilla"]["s_per_token"]
     out["ratios"] = {"rain_vs_vanilla": out["rain"]["s_per_token"] / v,
                      "rain_vs_hf_generate": out["rain"]["s_per_token"] / out["hf_generate_s_per_token"],

@@ -177,13 +177,12 @@ def _buffer_cache(segments: list[KV], rows: int, capacity: int) -> DynamicCache 
         kbuf = torch.empty(shape, dtype=k0.dtype, device=k0.device)
         vshape = (rows, segments[0][layer][1].shape[1], capacity, segments[0][layer][1].shape[3])
         vbuf = torch.empty(vshape, dtype=k0.dtype, device=k0.device)
-        pos = 0
-        for seg in segments:
-            k, v = seg[layer]
-            n = k.shape[-2]
-            kbuf[:, :, pos:pos + n] = k
-            vbuf[:, :, pos:pos + n] = v
-            pos += n
+        # one concatenation and one copy per layer: few kernel launches however long the path
+        keys = torch.cat([seg[layer][0] for seg in segments], dim=2) if len(segments) > 1 else segments[0][layer][0]
+        values = torch.cat([seg[layer][1] for seg in segments], dim=2) if len(segments) > 1 else segments[0][layer][1]
+        pos = keys.shape[-2]
+        kbuf[:, :, :pos] = keys
+        vbuf[:, :, :pos] = values
         layers.append(_BufferLayer(kbuf, vbuf, pos))
     cache = DynamicCache()
     cache.layers = layers
@@ -291,14 +290,28 @@ class HFEngine:
             segments = segments + [computed]
         return _buffer_cache(segments, rows, len(context) + extra), logits, node  # type: ignore[return-value]
 
-    def _store(self, node: Any, tokens: list[int], cache: DynamicCache, start: int, row: int,
-               logits: torch.Tensor) -> None:
-        """Remember what a decode loop computed for one row: KV of `tokens` fed at `start`."""
-        if not (self.reuse_cache and node is not None and tokens):
+    def _store(self, node: Any, leaving: list[tuple[list[int], int, torch.Tensor]], cache: DynamicCache,
+               start: int) -> None:
+        """Remember what a decode loop computed for rows leaving the batch together: each is
+        (tokens fed at `start`, batch slot, logits after them). They fed the same number of
+        tokens, so one copy per layer serves them all (each chunk holds a view of it)."""
+        if not (self.reuse_cache and node is not None):
             return
-        if any(c.tokens == tuple(tokens) for c in node.children.get(tokens[0], ())):
-            return  # an identical row was stored already
-        node.add(_Chunk(tuple(tokens), _cache_kv(cache, start, start + len(tokens), row), logits.clone()))
+        fresh, seen = [], set()
+        for tokens, slot, logits in leaving:
+            key = tuple(tokens)
+            if not tokens or key in seen or any(c.tokens == key for c in node.children.get(tokens[0], ())):
+                continue  # nothing fed, or an identical row is stored already
+            seen.add(key)
+            fresh.append((key, slot, logits))
+        if not fresh:
+            return
+        n = len(fresh[0][0])
+        index = torch.tensor([slot for _, slot, _ in fresh], device=cache.layers[0].keys.device)
+        block = [(layer.keys[:, :, start:start + n].index_select(0, index),
+                  layer.values[:, :, start:start + n].index_select(0, index)) for layer in cache.layers]
+        for j, (key, _, logits) in enumerate(fresh):
+            node.add(_Chunk(key, [(k[j:j + 1], v[j:j + 1]) for k, v in block], logits.clone()))
 
     def next_logits(self, context: Sequence[int]) -> np.ndarray:
         _, logits, _ = self._prefill(context, 1, 0)
@@ -322,14 +335,15 @@ class HFEngine:
         for step in range(length):
             chosen, lp = pick(step_logits, step)
             chosen_list, lp_list = chosen.tolist(), lp.tolist()
-            still = []
+            still, leaving = [], []
             for slot, r in enumerate(active):
                 tokens[r].append(chosen_list[r])
                 logprob[r] += lp_list[r]
                 if done(r, tokens[r]) or step == length - 1:
-                    self._store(node, tokens[r][:-1], cache, start, slot, last_logits[r])
+                    leaving.append((tokens[r][:-1], slot, last_logits[r]))
                 else:
                     still.append(slot)
+            self._store(node, leaving, cache, start)
             if not still:
                 break
             if len(still) < len(active):
@@ -338,9 +352,9 @@ class HFEngine:
             out, cache = self._forward(torch.tensor([[chosen_list[r]] for r in active]), cache)
             fresh = out[:, -1]
             step_logits = step_logits.clone() if step == 0 else step_logits
+            step_logits[torch.tensor(active, device=fresh.device)] = fresh
             for slot, r in enumerate(active):
                 last_logits[r] = fresh[slot]
-                step_logits[r] = fresh[slot]
         return tokens, logprob
 
     def decode_rows(self, context: Sequence[int], rows: Sequence[Row],
@@ -438,13 +452,12 @@ def _warp(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sample one token per row from `probs` given uniforms `u` (same u -> same token)."""
-    cdf = torch.cumsum(probs.double().cpu(), dim=-1)
-    target = (u.double() * cdf[:, -1]).unsqueeze(1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    idx = idx.clamp(max=probs.shape[-1] - 1)
+    """Sample one token per row from `probs` given uniforms `u` (same u -> same token).
+    Runs where `probs` lives; returns CPU indices."""
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    target = (u.double().to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
     # never land on a zero-probability token (possible only through rounding at the edges)
-    zero = probs.cpu().gather(1, idx.view(-1, 1)).squeeze(1) == 0
-    if zero.any():
-        idx[zero] = torch.argmax(probs.cpu()[zero], dim=-1)
-    return idx
+    zero = probs.gather(1, idx.view(-1, 1)).squeeze(1) == 0
+    idx = torch.where(zero, torch.argmax(probs, dim=-1), idx)
+    return idx.cpu()
