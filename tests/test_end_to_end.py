@@ -106,3 +106,12 @@ def test_value_modes_and_templates_run(rain):
     for kw in ({"value_mode": "mean"}, {"template": "truthfulness"}, {"eval_format": "raw"}):
         out = rain.generate(PROMPT, small(max_new_tokens=4, t_max=2, **kw))
         assert out.token_ids
+
+
+def test_template_prefix_is_encoded_once_across_prompts(rain):
+    cfg = small(max_new_tokens=2, t_max=2)
+    rain.generate("What is the capital of France?", cfg)
+    second = rain.generate("How do I bake bread?", cfg)
+    third = rain.generate("How do I bake bread?", cfg, reuse_cache=False)
+    # with reuse, only the new prompt's part of the evaluation prompt is encoded
+    assert second.stats["compute"]["prefill"]["tokens"] < third.stats["compute"]["prefill"]["tokens"] / 3

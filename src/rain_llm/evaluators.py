@@ -97,6 +97,7 @@ class SelfEvaluator:
         self.template = template
         self.mode = mode
         before, after = template.split()
+        head = before[:before.index("{prompt}")] if "{prompt}" in before else before
         before = before.replace("{prompt}", prompt.strip())
         g, b = template.good, template.bad
         afters = [after.replace("{option_a}", g).replace("{option_b}", b),  # good option listed first
@@ -104,11 +105,14 @@ class SelfEvaluator:
         if chat:  # the judgement is a user turn; the answer prefix opens the assistant's reply
             marker = "\x00RAIN_RESPONSE\x00"
             rendered = chat_template(before + marker)
-            head, _, tail = rendered.partition(marker)
-            self.before = head
+            chat_head, _, tail = rendered.partition(marker)
+            # the chat template wraps the content verbatim in most models; if not, keep the whole head
+            self.head = chat_head[:len(chat_head) - len(before)] + head if chat_head.endswith(before) else chat_head
+            self.before = chat_head
             self.afters = [a + tail + template.answer_prefix for a in afters]
             self.special = False
         else:
+            self.head = head
             self.before = before
             self.afters = [a + "\n" + template.answer_prefix for a in afters]
             self.special = True
@@ -128,8 +132,9 @@ class SelfEvaluator:
         return value_from_probabilities(p, self.mode)
 
     def constant_ids(self) -> list[int]:
-        """The part of the evaluation prompt that no answer changes (cached once)."""
-        return self.prefix_ids("")[:-1]
+        """The part of the evaluation prompt that no prompt or answer changes: instructions and
+        examples, kept cached from one prompt to the next."""
+        return self.engine.encode(self.head, special=self.special)[:-1]
 
 
 def value_from_probabilities(p: np.ndarray, mode: str) -> float:
