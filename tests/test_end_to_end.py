@@ -115,3 +115,19 @@ def test_template_prefix_is_encoded_once_across_prompts(rain):
     third = rain.generate("How do I bake bread?", cfg, reuse_cache=False)
     # with reuse, only the new prompt's part of the evaluation prompt is encoded
     assert second.stats["compute"]["prefill"]["tokens"] < third.stats["compute"]["prefill"]["tokens"] / 3
+
+
+def test_model_from_local_folder_and_gguf_file(rain, default_model_dir):
+    from rain_llm.models import default_gguf, resolve
+
+    assert resolve(str(default_model_dir))[0] == str(default_model_dir)
+    assert resolve(str(default_gguf()))[0] == str(default_model_dir)  # converted once, then reused
+    folder = Rain.load(str(default_model_dir))
+    expected = rain.generate(PROMPT, method="vanilla", max_new_tokens=6).token_ids
+    assert folder.generate(PROMPT, method="vanilla", max_new_tokens=6).token_ids == expected
+
+
+def test_device_map_auto_loads_and_generates(default_model_dir):
+    spread = Rain.load(str(default_model_dir), device_map="auto")  # one CPU here: everything lands on it
+    out = spread.generate(PROMPT, method="vanilla", max_new_tokens=4)
+    assert len(out.token_ids) == 4

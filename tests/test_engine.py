@@ -172,3 +172,16 @@ def test_rows_with_their_own_rules_in_one_batch(tiny, tokenizer, ctx):
         alone = make(model, tokenizer).decode_rows(ctx, [row], uniforms[i:i + 1])[0]
         assert alone.tokens == batch[i].tokens
         assert alone.logprob == pytest.approx(batch[i].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_reuse_paths(tokenizer, ctx, dtype):
+    from conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer)).to(dtype)
+    eng = make(model, tokenizer)
+    rows = eng.sample(ctx, 3, 4, temperature=1.0, top_k=15, greedy_first=True)
+    for ids in (ctx, ctx[:6], ctx + rows[1].tokens):
+        ours, ref = eng.next_logits(ids), full_logits(model, ids)
+        assert np.abs(ours - ref).max() < 0.05 * max(1.0, np.abs(ref).max())
+        assert int(np.argmax(ours)) == int(np.argmax(ref))
