@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from .evaluators import SelfEvaluator, load_template
 from .models import load_model
 from .prompts import chat_wrapper, has_chat_template, prompt_format
 from .search import ProgressFn, RainSearch
+from .values import ValueSource, build_value_source
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Rain:
         stop = _stop_ids(model, tokenizer)
         self.engine = HFEngine(model, tokenizer, stop_ids=stop)
         self._embedder = embedder
+        self._value_sources: dict[tuple, ValueSource] = {}
 
     @classmethod
     def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -61,6 +64,23 @@ class Rain:
         lm, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
         return cls(lm, tok, name=model or "default")
 
+    def value_source(self, cfg: RainConfig, value: Any = None) -> ValueSource:
+        """The value source for `cfg` (built once per setting and kept: judge models load once)."""
+        if value is not None and hasattr(value, "bind"):
+            return value
+        if callable(value):
+            return build_value_source(value, policy=self, template=None, chat=False, mode=cfg.value_mode,  # type: ignore[arg-type]
+                                      chat_template=None)
+        key = (cfg.value, cfg.template, cfg.eval_format, cfg.value_mode)
+        if key not in self._value_sources:
+            chat = has_chat_template(self.tokenizer) if cfg.eval_format == "auto" else cfg.eval_format == "chat"
+            if chat and not has_chat_template(self.tokenizer):
+                raise RainError("eval_format=chat, but the tokenizer has no chat template")
+            self._value_sources[key] = build_value_source(
+                cfg.value, policy=self, template=load_template(cfg.template), chat=chat, mode=cfg.value_mode,
+                chat_template=chat_wrapper(self.tokenizer) if chat else None, device=str(self.engine.device))
+        return self._value_sources[key]
+
     @property
     def embedder(self) -> MiniLMEmbedder:
         if self._embedder is None:  # loaded on first RAIN call: vanilla decoding never needs it
@@ -68,8 +88,10 @@ class Rain:
         return self._embedder
 
     def generate(self, prompt: str, config: RainConfig | None = None, *, trace: bool = False,
-                 progress: ProgressFn | None = None, **overrides: Any) -> Generation:
-        """Answer `prompt` with `config.method` ("rain" or "vanilla"); overrides change config keys."""
+                 progress: ProgressFn | None = None, value_fn: ValueSource | Callable[[str, str], float] | None = None,
+                 **overrides: Any) -> Generation:
+        """Answer `prompt` with `config.method` ("rain" or "vanilla"); overrides change config keys.
+        `value_fn` replaces what steers the search (default: `config.value`, the model's self-evaluation)."""
         cfg = config or RainConfig()
         cfg = cfg.replace(**overrides) if overrides else cfg.validate()
         if not isinstance(prompt, str) or not prompt.strip():
@@ -94,19 +116,21 @@ class Rain:
                      "answer_tokens": len(tokens), "compute": engine.counters.to_dict()}
             return Generation(fmt.clean(engine.decode(tokens)), tokens, "vanilla", stats, cfg.to_dict())
 
-        template = load_template(cfg.template)
-        chat_eval = has_chat_template(self.tokenizer) if cfg.eval_format == "auto" else cfg.eval_format == "chat"
-        if chat_eval and not has_chat_template(self.tokenizer):
-            raise RainError("eval_format=chat, but the tokenizer has no chat template")
-        evaluator = SelfEvaluator(engine, template, prompt, chat=chat_eval, mode=cfg.value_mode,
-                                  chat_template=chat_wrapper(self.tokenizer) if chat_eval else None)
-        eval_len = len(evaluator.prefix_ids(prompt)) + max(len(s) for s in evaluator.suffix_ids)
-        if eval_len + cfg.max_new_tokens + cfg.max_rollout_tokens > window:
-            raise RainError(f"prompt too long: its self-evaluation prompt ({eval_len} tokens) plus the answer "
-                            f"budget exceeds the model's context window of {window}")
+        source = self.value_source(cfg, value_fn)
+        evaluator = source.bind(prompt)
+        if isinstance(evaluator, SelfEvaluator) and evaluator.engine is engine:
+            eval_len = len(evaluator.prefix_ids(prompt)) + max(len(s) for s in evaluator.suffix_ids)
+            if eval_len + cfg.max_new_tokens + cfg.max_rollout_tokens > window:
+                raise RainError(f"prompt too long: its self-evaluation prompt ({eval_len} tokens) plus the answer "
+                                f"budget exceeds the model's context window of {window}")
+            engine.retain([evaluator.constant_ids()])  # keep only the template's constant part from earlier prompts
+        else:
+            engine.reset()
         embedder = self.embedder
         embedder.counters.reset()
-        engine.retain([evaluator.constant_ids()])  # keep only the template's constant part from earlier prompts
+        eval_engine = getattr(evaluator, "engine", None)
+        if eval_engine is not None and eval_engine is not engine:  # a judge model: count its work too
+            eval_engine.counters.reset()
         env = ModelEnv(engine, evaluator, embedder, context, fmt, cfg)
         search = RainSearch(env, cfg, trace=trace, progress=progress)
         result = search.run()
@@ -114,6 +138,8 @@ class Rain:
         tokens = list(result.tokens)
         compute = engine.counters
         compute.merge(embedder.counters)
+        if eval_engine is not None and eval_engine is not engine:
+            compute.merge(eval_engine.counters)
         s = result.stats
         stats = {
             "committed_steps": s.steps,

@@ -66,6 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
     gen.add_argument("--quiet", action="store_true", help="no progress line or summary")
     _add_config_flags(gen)
+
+    ev = sub.add_parser("eval", help="run one of the paper's experiments: answer, judge, append results")
+    ev.add_argument("task", help="hh, advbench, truthfulqa, xstest, selfeval or sentiment")
+    ev.add_argument("--model", default=None, help="the evaluated model (default: the bundled SmolLM2-135M-Instruct)")
+    ev.add_argument("--methods", default="vanilla,rain", help="comma-separated: vanilla, rain, best-of-n")
+    ev.add_argument("--out", default=None, help="results file, JSON lines (default results/TASK-MODEL.jsonl)")
+    ev.add_argument("--data", default=None, help="data file or Hugging Face dataset name (default: ../shared/data)")
+    ev.add_argument("--variant", default=None, help="advbench suffixes: none, smoothllm, jbb-vicuna, jbb-llama2")
+    ev.add_argument("--limit", type=int, default=None, help="first N prompts (of this shard)")
+    ev.add_argument("--shard", default=None, help="i/n: the i-th of n disjoint shards (0-based)")
+    ev.add_argument("--best-of-n", default="4", help="samples for best-of-n, or 'match' to match RAIN's compute")
+    ev.add_argument("--judge-model", default=None, help="local model as LM judge ('policy': the model itself)")
+    ev.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint as LM judge (base URL)")
+    ev.add_argument("--judge-name", default=None, help="model name at --judge-url")
+    ev.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    ev.add_argument("--preset", default=None)
+    ev.add_argument("--config", default=None)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(ev)
+
+    rep = sub.add_parser("report", help="tables, CSV and plots from rain eval results")
+    rep.add_argument("results", nargs="+", help="results files (JSON lines)")
+    rep.add_argument("--out", default="report", help="output folder (default ./report)")
     return parser
 
 
@@ -149,6 +174,42 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval_command(args: argparse.Namespace) -> int:
+    from .data import parse_shard
+    from .evaluate import EvalSettings, run_eval, summary_line
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
+    cfg = load_config(args.preset, args.config, **overrides)
+    name = Path(args.model).name if args.model else "default"
+    out = Path(args.out) if args.out else Path("results") / f"{args.task}-{name}.jsonl"
+    settings = EvalSettings(task=args.task, out=out, methods=[m for m in args.methods.split(",") if m],
+                            source=args.data, variant=args.variant, limit=args.limit,
+                            shard=parse_shard(args.shard) if args.shard else None, best_of_n=args.best_of_n,
+                            judge_model=args.judge_model, judge_url=args.judge_url, judge_name=args.judge_name,
+                            judge_key_env=args.judge_key_env, progress=not args.quiet).validate()
+    if args.limit is not None and args.limit < 1:
+        raise RainError(f"invalid --limit {args.limit}: must be at least 1")
+    from .api import Rain
+
+    rain = Rain.load(args.model, device=args.device, dtype=args.dtype)
+    result = run_eval(rain, cfg, settings)
+    print(f"{result['written']} answers written to {result['out']} ({result['skipped']} already there)",
+          file=sys.stderr)
+    print(summary_line(out))
+    return 0
+
+
+def run_report_command(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    result = write_report(args.results, args.out)
+    for path in result["files"]:
+        print(path)
+    for name, why in result.get("skipped_plots", {}).items():
+        print(f"rain: {name} not drawn: {why}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -163,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "eval":
+            return run_eval_command(args)
+        if args.command == "report":
+            return run_report_command(args)
     except RainError as err:
         print(f"rain: error: {err}", file=sys.stderr)
         return 2

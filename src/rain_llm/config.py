@@ -45,6 +45,7 @@ class RainConfig:
     rollout_temperature: float = 1.0  # official simg(): full distribution, temperature 1
 
     # --- self-evaluation
+    value: str = "self"  # what steers: self, judge:MODEL, reward:MODEL, vader, afinn (see values.py)
     template: str = "harmlessness"  # built-in name or path to a template .toml file
     value_mode: str = "vote"  # "vote": official binary vote of both orders; "mean": mean probability
     eval_format: str = "auto"  # "chat" wraps the evaluation in the chat template; "raw" does not
@@ -106,6 +107,8 @@ class RainConfig:
             raise bad("eval_format", f"expected one of {', '.join(FORMATS)}")
         if self.prompt_format not in FORMATS:
             raise bad("prompt_format", f"expected one of {', '.join(FORMATS)}")
+        if not (self.value in ("self", "vader", "afinn") or self.value.startswith(("judge:", "reward:"))):
+            raise bad("value", "expected self, judge:MODEL, reward:MODEL, vader or afinn")
         if not self.template:
             raise bad("template", "must name a built-in template or a file")
         return self

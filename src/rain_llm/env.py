@@ -14,13 +14,13 @@ import numpy as np
 from .config import RainConfig
 from .embedder import MiniLMEmbedder
 from .engine.base import Engine, Row, Sample
-from .evaluators import SelfEvaluator
 from .prompts import PromptFormat
 from .search import Tokens
+from .values import Evaluator
 
 
 class ModelEnv:
-    def __init__(self, engine: Engine, evaluator: SelfEvaluator, embedder: MiniLMEmbedder,
+    def __init__(self, engine: Engine, evaluator: Evaluator, embedder: MiniLMEmbedder,
                  context: list[int], fmt: PromptFormat, config: RainConfig):
         self.engine = engine
         self.evaluator = evaluator
@@ -30,9 +30,11 @@ class ModelEnv:
         self.cfg = config
         self.values: dict[Tokens, float] = {}  # official: values cached by text (dic)
         self.value_cache_hits = 0
-        with engine.counters.phase("prefill"):  # the prompt and the evaluation's constant part, once
+        self.eval_engine = getattr(evaluator, "engine", None)  # None: the value needs no model of ours
+        with engine.counters.phase("prefill"):  # the prompt and the evaluation prompt, once
             engine.next_logits(context)
-            engine.next_logits(evaluator.prefix_ids(""))
+            for ids in evaluator.retain("") if self.eval_engine is not None else []:
+                self.eval_engine.next_logits(ids)
 
     def text(self, answer: Sequence[int]) -> str:
         return self.fmt.clean(self.engine.decode(answer))
@@ -110,7 +112,8 @@ class ModelEnv:
         if answer in self.values:
             self.value_cache_hits += 1
             return self.values[answer]
-        with self.engine.counters.phase("evaluate"):
+        counters = (self.eval_engine or self.engine).counters
+        with counters.phase("evaluate"):
             v = self.evaluator.value(self.text(answer))
         self.values[answer] = v
         return v
@@ -131,5 +134,10 @@ class ModelEnv:
 
     def on_commit(self, answer: Tokens) -> None:
         """Free cached KV that no longer extends the committed answer (bounded memory)."""
-        keep_eval = self.evaluator.prefix_ids(self.text(answer))[:-1]
-        self.engine.retain([self.context + list(answer), keep_eval])
+        keep = self.evaluator.retain(self.text(answer))
+        if self.eval_engine is self.engine:
+            self.engine.retain([self.context + list(answer), *keep])
+        else:
+            self.engine.retain([self.context + list(answer)])
+            if self.eval_engine is not None:
+                self.eval_engine.retain(keep)

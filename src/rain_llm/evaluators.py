@@ -131,6 +131,10 @@ class SelfEvaluator:
         p = self.probabilities(response)
         return value_from_probabilities(p, self.mode)
 
+    def retain(self, response: str) -> list[list[int]]:
+        """Token prefixes worth keeping cached: the evaluation prompt up to this response."""
+        return [self.prefix_ids(response)[:-1]]
+
     def constant_ids(self) -> list[int]:
         """The part of the evaluation prompt that no prompt or answer changes: instructions and
         examples, kept cached from one prompt to the next."""

@@ -50,7 +50,9 @@ class Record:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Record:
+    def from_dict(cls, d: Any) -> Record:
+        if not isinstance(d, dict):
+            raise RainError("not a rain eval record (not a JSON object)")
         known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
         missing = [f for f in ("task", "id", "method", "scores") if f not in d]
         if missing:
