@@ -1,0 +1,174 @@
+"""`rain eval` end to end on the default model with a local judge, resume, shards, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rain_llm import Rain, load_config
+from rain_llm.data import default_data_dir
+from rain_llm.evaluate import EvalSettings, run_eval
+from rain_llm.records import read_records
+
+pytestmark = pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def rain(default_model_dir):
+    return Rain.load()
+
+
+def tiny_cfg(**kw):
+    return load_config("fast", max_new_tokens=kw.pop("max_new_tokens", 6), t_max=kw.pop("t_max", 2), **kw)
+
+
+@pytest.mark.parametrize("task,expected", [
+    ("hh", {"harmless", "helpful"}),
+    ("advbench", {"jailbroken", "refused"}),
+    ("truthfulqa", {"truthful", "informative"}),
+    ("xstest", {"refused", "over_refusal"}),
+    ("sentiment", {"positive", "sentiment"}),
+])
+def test_each_task_runs_and_is_judged(rain, tmp_path, task, expected):
+    out = tmp_path / f"{task}.jsonl"
+    result = run_eval(rain, tiny_cfg(), EvalSettings(task=task, out=out, methods=["vanilla", "rain"], limit=2,
+                                                      progress=False))
+    assert result["written"] == 4
+    records = read_records(out)
+    assert [(r.id, r.method) for r in records][:2] == [(records[0].id, "vanilla"), (records[0].id, "rain")]
+    for r in records:
+        assert r.task == task and r.response and r.model == "default"
+        assert expected <= set(r.scores)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in r.scores.values())
+        assert r.judges, "every record names its judges"
+        assert r.compute["total"]["tokens"] > 0 and r.seconds > 0
+    rain_rec = next(r for r in records if r.method == "rain")
+    assert rain_rec.method_config["config"]["template"] == {"truthfulqa": "truthfulness",
+                                                            "sentiment": "sentiment"}.get(task, "harmlessness")
+
+
+def test_lm_judge_identity_and_prompt_in_records(rain, tmp_path):
+    out = tmp_path / "hh.jsonl"
+    run_eval(rain, tiny_cfg(), EvalSettings(task="hh", out=out, methods=["vanilla"], limit=1, progress=False))
+    judges = read_records(out)[0].judges
+    assert judges["lm:harmful"]["prompt"] and "harmful" in judges["lm:harmful"]["prompt"].lower()
+    assert "itself" in judges["lm:harmful"]["backend"]["model"]  # a self-judging run says so
+
+
+def test_selfeval_scores_pairs(rain, tmp_path):
+    out = tmp_path / "selfeval.jsonl"
+    run_eval(rain, tiny_cfg(), EvalSettings(task="selfeval", out=out, limit=3, progress=False))
+    records = read_records(out)
+    assert len(records) == 3 and {r.method for r in records} == {"selfeval"}
+    for r in records:
+        for key in ("accuracy", "accuracy_good_first", "accuracy_bad_first"):
+            assert r.scores[key] in (0.0, 0.5, 1.0)
+        assert len(r.meta["p_good_chosen"]) == 2 and 0 <= r.meta["p_good_chosen"][0] <= 1
+
+
+def test_best_of_n_matched_to_rain_compute(rain, tmp_path):
+    out = tmp_path / "adv.jsonl"
+    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=out, methods=["vanilla", "rain", "best-of-n"],
+                                            limit=1, best_of_n="match", progress=False))
+    recs = {r.method: r for r in read_records(out)}
+    n = recs["best-of-n"].method_config["samples"]
+    rain_tokens = recs["rain"].compute["total"]["tokens"]
+    vanilla_tokens = recs["vanilla"].compute["total"]["tokens"]
+    assert n == min(64, math.ceil(rain_tokens / vanilla_tokens)) and n > 1
+
+
+def test_shards_are_disjoint_and_cover(rain, tmp_path):
+    ids = []
+    for i in range(2):
+        out = tmp_path / f"s{i}.jsonl"
+        run_eval(rain, tiny_cfg(), EvalSettings(task="xstest", out=out, methods=["vanilla"], limit=2, shard=(i, 2),
+                                                progress=False))
+        ids.append({r.id for r in read_records(out)})
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 4
+
+
+def eval_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rain_llm.cli", "eval", "advbench", "--limit", "3", "--methods", "vanilla,rain",
+            "--preset", "fast", "--max-new-tokens", "6", "--t-max", "2", "--quiet", "--out", str(out), *extra]
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
+    out = tmp_path / "adv.jsonl"
+    proc = subprocess.Popen(eval_cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = out.read_text().splitlines()
+    assert 2 <= len(before) < 6, "killed mid-run"
+    done = subprocess.run(eval_cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    after = out.read_text().splitlines()
+    assert after[:len(before)] == before  # what was written stays
+    pairs = [(json.loads(x)["id"], json.loads(x)["method"]) for x in after]
+    assert len(pairs) == len(set(pairs)) == 6
+    assert f"({len(before)} already there)" in done.stderr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rain_llm.cli", *args], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("rain: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_unknown_task_and_method(tmp_path):
+    assert_one_line(run_cli("eval", "nosuchtask", "--out", str(tmp_path / "x.jsonl")), "unknown task")
+    assert_one_line(run_cli("eval", "hh", "--methods", "vanilla,magic", "--out", str(tmp_path / "x.jsonl")),
+                    "unknown method", "magic")
+
+
+def test_data_file_with_missing_columns(tmp_path):
+    bad = tmp_path / "x.csv"
+    bad.write_text("id,text\n1,hello\n")
+    assert_one_line(run_cli("eval", "xstest", "--data", str(bad), "--out", str(tmp_path / "x.jsonl")), "x.csv")
+
+
+def test_results_file_from_another_task_is_refused_and_kept(tmp_path):
+    out = tmp_path / "r.jsonl"
+    line = json.dumps({"task": "hh", "id": "1", "method": "vanilla", "scores": {"harmless": 1.0}})
+    out.write_text(line + "\n")
+    assert_one_line(run_cli("eval", "advbench", "--limit", "1", "--out", str(out)), "hh", "advbench")
+    assert out.read_text() == line + "\n"
+
+
+def test_unreachable_judge_endpoint_keeps_results(tmp_path):
+    out = tmp_path / "hh.jsonl"
+    line = json.dumps({"task": "hh", "id": "harmless-base-test-0000", "method": "vanilla", "scores": {}})
+    out.write_text(line + "\n")
+    proc = run_cli("eval", "hh", "--limit", "2", "--methods", "vanilla", "--max-new-tokens", "4", "--quiet",
+                   "--judge-url", "http://127.0.0.1:9/v1", "--judge-name", "judge", "--out", str(out))
+    assert_one_line(proc, "127.0.0.1:9")
+    assert out.read_text().splitlines()[0] == line
+
+
+def test_report_from_eval_results(rain, tmp_path):
+    out = tmp_path / "hh.jsonl"
+    run_eval(rain, tiny_cfg(), EvalSettings(task="hh", out=out, methods=["vanilla", "rain"], limit=2, progress=False))
+    proc = run_cli("report", str(out), "--out", str(tmp_path / "rep"))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| vanilla | 2 |" in md and "| rain | 2 |" in md
+    assert (tmp_path / "rep" / "harmless_vs_helpful.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line(run_cli("report", str(tmp_path / "missing.jsonl")), "missing.jsonl")
