@@ -227,3 +227,29 @@ def test_non_numeric_score_raises(tmp_path):
     bad = write(tmp_path / "bad.jsonl", [record("hh", "0", "rain", {"harmless": "yes"})])
     with pytest.raises(RainError, match="non-numeric score harmless"):
         write_report([bad], tmp_path / "out")
+
+
+def test_auc_known_values():
+    from rain_llm.report import auc
+
+    assert auc([0.9, 0.8], [0.1, 0.2]).mean == 1.0
+    assert auc([0.1, 0.2], [0.9, 0.8]).mean == 0.0
+    assert auc([0.5, 0.5], [0.5, 0.5]).mean == 0.5
+    e = auc([0.9, 0.4, 0.7], [0.3, 0.6, 0.2])  # 8 of 9 pairs ordered right
+    assert e.mean == pytest.approx(8 / 9) and e.lower < e.mean < e.upper <= 1.0
+
+
+def test_selfeval_report_has_auc(tmp_path):
+    from rain_llm.records import Record
+    from rain_llm.report import write_report
+
+    path = tmp_path / "s.jsonl"
+    rows = [([0.8, 0.7], [0.3, 0.4]), ([0.6, 0.9], [0.5, 0.2]), ([0.2, 0.6], [0.4, 0.1])]
+    path.write_text("".join(Record(task="selfeval", id=str(i), method="selfeval", prompt="p", response="",
+                                   scores={"accuracy": 1.0}, judges={},
+                                   meta={"p_good_chosen": c, "p_good_rejected": r}).to_json() + "\n"
+                            for i, (c, r) in enumerate(rows)))
+    result = write_report([path], tmp_path / "rep")
+    scores = result["tasks"]["selfeval"]["selfeval"]["scores"]
+    assert scores["auc_good_first"]["mean"] == pytest.approx(6 / 9)  # 0.8 and 0.6 beat all three; 0.2 none
+    assert "auc_mean" in (tmp_path / "rep" / "report.md").read_text()

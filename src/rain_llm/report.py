@@ -87,6 +87,30 @@ class Estimate:
         return {"n": self.n, "mean": self.mean, "lower": self.lower, "upper": self.upper, "interval": self.interval}
 
 
+def auc(positives: list[float], negatives: list[float]) -> Estimate:
+    """Area under the ROC curve (Mann-Whitney, ties count half) with the Hanley-McNeil 95% interval."""
+    n1, n2 = len(positives), len(negatives)
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in positives for q in negatives)
+    a = wins / (n1 * n2)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = math.sqrt(max(0.0, a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a)) / (n1 * n2))
+    return Estimate(min(n1, n2), a, max(0.0, a - Z * se), min(1.0, a + Z * se), "hanley-mcneil")
+
+
+def selfeval_aucs(recs: list[Record]) -> dict[str, Estimate]:
+    """AUC of the good option's probability for chosen (positive) vs rejected (negative) answers, per
+    option order and for their mean: can the model tell the two apart at all, whatever the threshold."""
+    rows = [r.meta for r in recs if isinstance(r.meta.get("p_good_chosen"), list)
+            and isinstance(r.meta.get("p_good_rejected"), list)]
+    if not rows:
+        return {}
+    out = {}
+    for key, pick in (("auc_good_first", lambda v: v[0]), ("auc_bad_first", lambda v: v[1]),
+                      ("auc_mean", lambda v: (v[0] + v[1]) / 2)):
+        out[key] = auc([pick(m["p_good_chosen"]) for m in rows], [pick(m["p_good_rejected"]) for m in rows])
+    return out
+
+
 def estimate_score(values: list[float]) -> Estimate:
     """Wilson for 0/1 scores, else the normal interval (clipped when every value is in [0, 1])."""
     n = len(values)
@@ -202,12 +226,17 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
                 values = [v for r in recs if (v := score_value(r.scores.get(key))) is not None]
                 if values:
                     scores[key] = estimate_score(values)
+            if task == "selfeval":
+                scores.update(selfeval_aucs(recs))
             tokens = [t for r in recs if (t := forward_tokens(r)) is not None]
             methods[method] = MethodSummary(
                 n=len(recs), scores=scores,
                 seconds=estimate_quantity([float(r.seconds) for r in recs]),
                 answer_tokens=estimate_quantity([float(r.answer_tokens) for r in recs]),
                 forward_tokens=estimate_quantity(tokens))
+        if task == "selfeval":
+            keys = keys + [k for k in ("auc_good_first", "auc_bad_first", "auc_mean")
+                           if any(k in m.scores for m in methods.values())]
         out[task] = TaskSummary(keys, methods, judge_names(task_records),
                                 list(dict.fromkeys(r.model for r in task_records if r.model)))
     return out
