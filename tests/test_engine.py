@@ -185,3 +185,17 @@ def test_half_precision_reuse_paths(tokenizer, ctx, dtype):
         ours, ref = eng.next_logits(ids), full_logits(model, ids)
         assert np.abs(ours - ref).max() < 0.05 * max(1.0, np.abs(ref).max())
         assert int(np.argmax(ours)) == int(np.argmax(ref))
+
+
+def test_score_options_long_uncached_prefix(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    prefix = ctx * 4  # much longer than the suffixes: encoded once, then the rows
+    suffixes = [[11, 12], [13]]
+    got = eng.score_options(prefix, suffixes, [32, 33])
+    for row, suf in enumerate(suffixes):
+        probs = torch.softmax(torch.tensor(full_logits(model, prefix + suf)), -1)
+        assert got[row] == pytest.approx([float(probs[32]), float(probs[33])], rel=1e-3, abs=1e-7)
+    before = eng.counters.total().tokens
+    eng.score_options(prefix, suffixes, [32, 33])  # now cached: only the suffix rows run
+    assert eng.counters.total().tokens - before == 2 * 2

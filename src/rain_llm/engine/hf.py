@@ -420,9 +420,17 @@ class HFEngine:
         else:
             path, node, pos = [], None, 0
         rest = list(prefix[pos:])
+        if len(rest) > 2 * max(len(s) for s in suffixes):
+            # a long uncached prefix: encode it once (batch 1) rather than once per row
+            cache, _, _ = self._prefill(prefix, len(suffixes), max(len(s) for s in suffixes))
+            pos, rest = len(prefix), []
+            path = []
+        else:
+            cache = None
         rows = [rest + list(s) for s in suffixes]
         width = max(len(r) for r in rows)
-        cache = _buffer_cache([c.kv for c in path if c.kv is not None], len(rows), pos + width)
+        if cache is None:
+            cache = _buffer_cache([c.kv for c in path if c.kv is not None], len(rows), pos + width)
         ends = [len(r) - 1 for r in rows]
         keep = sorted(set(ends + ([len(rest) - 1] if rest else [])))
         padded = [r + [r[-1]] * (width - len(r)) for r in rows]
