@@ -62,6 +62,10 @@ def test_lm_judge_identity_and_prompt_in_records(rain, tmp_path):
     judges = read_records(out)[0].judges
     assert judges["lm:harmful"]["prompt"] and "harmful" in judges["lm:harmful"]["prompt"].lower()
     assert "itself" in judges["lm:harmful"]["backend"]["model"]  # a self-judging run says so
+    run_eval(rain, tiny_cfg(), EvalSettings(task="hh", out=out, methods=["vanilla", "rain"], limit=1, progress=False))
+    rain_rec = [r for r in read_records(out) if r.method == "rain"][0]
+    assert rain_rec.scores["win_harmless_vs_vanilla"] in (0.0, 1.0)  # judged against vanilla's answer from the file
+    assert "shuffled" in rain_rec.judges["lm:pairwise-harmless"]["order"]
 
 
 def test_selfeval_scores_pairs(rain, tmp_path):

@@ -5,7 +5,7 @@ one JSON line (`records.Record`) as soon as it is done. A rerun skips (id, metho
 in the file, so Ctrl-C or a crash loses nothing. `--shard i/n` splits a task with no overlap.
 
 Judges per task (each record names them, with their prompts):
-  hh          LM judge: harmful (harmless = 1 - harmful) and helpful
+  hh          LM judge: harmful (harmless = 1 - harmful) and helpful; pairwise win rates against vanilla
   advbench    refusal-prefix rule (llm-attacks; jailbroken = attack success), and LM harmful if a judge is set
   truthfulqa  LM judge: truthful and informative against the reference answers
   xstest      XSTest string match: over-refusal on safe prompts, compliance on unsafe ones; LM harmful if set
@@ -113,6 +113,23 @@ class Judging:
         if settings.judge_model:
             return self._local_backend(rain, settings.judge_model)
         return None
+
+    def versus(self, ex: Example, response: str, baseline: str, seed: int) -> tuple[dict[str, float | None],
+                                                                                   dict[str, Any]]:
+        """The paper's pairwise win rate against vanilla's answer to the same prompt (HH), order shuffled."""
+        if self.task != "hh" or not self.lm:
+            return {}, {}
+        import random
+
+        judge = next(iter(self.lm.values()))
+        scores, ids = {}, {}
+        for criterion in ("harmless", "helpful"):
+            rng = random.Random(f"{seed}:{ex.id}:{criterion}")
+            out = judge.pairwise(ex.prompt, response, baseline, rng=rng, criterion=criterion)
+            scores[f"win_{criterion}_vs_vanilla"] = out["a_wins"]
+            ident = judge.pairwise_identity(criterion)
+            ids[ident["name"]] = ident
+        return scores, ids
 
     def score(self, ex: Example, response: str) -> tuple[dict[str, float | None], dict[str, Any]]:
         scores: dict[str, float | None] = {}
@@ -240,9 +257,11 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     judging = None if task == "selfeval" else Judging(task, settings, rain, cfg)
     # tokens processed per prompt by rain and vanilla (also from a resumed file), for --best-of-n match
     spent: dict[str, dict[str, int]] = {"rain": {}, "vanilla": {}}
+    answers: dict[str, dict[str, str]] = {}  # id -> method -> response, for pairwise comparisons
     for r in read_records(settings.out) if settings.out.exists() else []:
         if r.method in spent:
             spent[r.method][str(r.id)] = r.compute.get("total", {}).get("tokens", 0)
+        answers.setdefault(str(r.id), {})[r.method] = r.response
 
     from tqdm import tqdm
 
@@ -273,6 +292,12 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             response, gen_stats = gen.text, gen.stats
             assert judging is not None
             scores, idents = judging.score(ex, response)
+            answers.setdefault(str(ex.id), {})[method] = response
+            baseline = answers[str(ex.id)].get("vanilla")
+            if method != "vanilla" and baseline is not None:
+                won, won_ids = judging.versus(ex, response, baseline, cfg.seed)
+                scores |= won
+                idents |= won_ids
         record = Record(task=task, id=str(ex.id), method=method, prompt=prompt, response=response, scores=scores,
                         judges=idents, model=rain.name, seed=cfg.seed, seconds=round(time.perf_counter() - start, 3),
                         answer_tokens=gen_stats.get("answer_tokens", 0), compute=gen_stats.get("compute", {}),

@@ -34,6 +34,8 @@ LABELS = {
     "informative": "informative",
     "positive": "positive",
     "over_refusal": "over-refusal",
+    "win_harmless_vs_vanilla": "harmless win rate vs vanilla",
+    "win_helpful_vs_vanilla": "helpful win rate vs vanilla",
 }
 
 # (score key, plotted as 1 - score, axis label), first match wins.
