@@ -131,3 +131,13 @@ def test_device_map_auto_loads_and_generates(default_model_dir):
     spread = Rain.load(str(default_model_dir), device_map="auto")  # one CPU here: everything lands on it
     out = spread.generate(PROMPT, method="vanilla", max_new_tokens=4)
     assert len(out.token_ids) == 4
+
+
+def test_compute_budget_stops_search_and_finishes_answer(rain):
+    out = rain.generate(PROMPT, small(max_new_tokens=12, t_max=8, max_search_tokens=600))
+    stats = out.stats
+    assert stats["budget_stopped"]
+    assert stats["compute"]["total"]["tokens"] < 600 + 1000  # one iteration may run past the line
+    assert len(out.token_ids) == 12 or out.token_ids[-1] in rain.engine.stop_ids
+    least = stats["compute"]["least_work"]["tokens"]
+    assert 0 < least <= stats["compute"]["total"]["tokens"]

@@ -199,3 +199,19 @@ def test_score_options_long_uncached_prefix(tiny, tokenizer, ctx):
     before = eng.counters.total().tokens
     eng.score_options(prefix, suffixes, [32, 33])  # now cached: only the suffix rows run
     assert eng.counters.total().tokens - before == 2 * 2
+
+
+def test_least_work_counts_each_distinct_position_once(tiny, tokenizer, ctx):
+    _, model = tiny
+    on, off = make(model, tokenizer), make(model, tokenizer, reuse=False)
+    for eng in (on, off):
+        eng.next_logits(ctx)
+        eng.next_logits(ctx)
+        eng.next_logits(ctx + [5, 6])
+    assert on.counters.least.tokens == off.counters.least.tokens == len(ctx) + 2
+    assert on.counters.total().tokens == len(ctx) + 2  # with reuse: no waste
+    assert off.counters.total().tokens == 3 * len(ctx) + 2
+    d = on.counters.to_dict()
+    assert d["least_work"]["tokens"] == len(ctx) + 2
+    on.score_options(ctx, [[7, 8], [9]], [32, 33])
+    assert on.counters.least.tokens == len(ctx) + 2 + 3

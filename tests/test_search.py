@@ -60,6 +60,15 @@ class FakeEnv:
     def on_commit(self, answer):
         self.commits.append(answer)
 
+    eval_budget = None  # over budget after this many evaluations
+
+    def over_budget(self):
+        return self.eval_budget is not None and sum(c[0] == "value" for c in self.calls) >= self.eval_budget
+
+    def complete(self, answer):
+        self.calls.append(("complete", answer))
+        return (7,) * (self.budget_total - len(answer))
+
 
 def cfg(**kw) -> RainConfig:
     return RainConfig(**{"token_set_lengths": (1, 2), "t_min": 2, "t_max": 6, "fresh_iterations": 0, **kw}).validate()
@@ -260,3 +269,21 @@ def test_trace_records_every_node():
     tree = r.steps[0].tree
     assert set(tree) >= {"tokens", "text", "visits", "value", "prior", "similarity_updates", "dynamic", "children"}
     assert len(tree["children"]) == 2 and tree["visits"] == 3
+
+
+def test_budget_stop_commits_best_path_then_completes():
+    env = FakeEnv(probs=(0.6, 0.4), value=lambda a: 0.0, budget=10)
+    env.eval_budget, env.budget_total = 5, 10
+    r = RainSearch(env, cfg(token_set_lengths=(1,), t_max=50)).run()
+    assert sum(c[0] == "value" for c in env.calls) == 5  # no iteration after the budget ran out
+    assert r.stats.budget_stopped
+    # the most visited path of the tree so far is committed, then plain decoding finishes the answer
+    assert r.stats.iterations_per_step[0] == 5 and all(i == 0 for i in r.stats.iterations_per_step[1:])
+    assert r.tokens[-r.stats.completed_tokens:] == (7,) * r.stats.completed_tokens
+    assert len(r.tokens) == 10 and r.stats.completed_tokens < 10
+
+
+def test_no_budget_no_stop():
+    env = FakeEnv(probs=(0.6, 0.4), value=lambda a: 0.0, budget=2)
+    r = RainSearch(env, cfg(t_max=4)).run()
+    assert not r.stats.budget_stopped and r.stats.completed_tokens == 0

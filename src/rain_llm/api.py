@@ -150,6 +150,8 @@ class Rain:
             "similarity_updates": s.similarity_updates,
             "dynamic_additions": s.dynamic_additions,
             "value_cache_hits": env.value_cache_hits,
+            "budget_stopped": s.budget_stopped,
+            "completed_tokens": s.completed_tokens,
             "answer_tokens": len(tokens),
             "seconds": round(seconds, 3),
             "compute": compute.to_dict(),

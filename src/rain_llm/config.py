@@ -63,6 +63,8 @@ class RainConfig:
     t_max: int = 50  # official maxT = 50
     value_threshold: float = 0.8  # official Vt = 0.8
     fresh_iterations: int = 15  # official: range(initi, max(maxT, initi + 15))
+    max_search_tokens: int = 0  # ours: budget per answer in tokens processed (0: none); then the best
+    max_search_seconds: float = 0.0  # path so far is committed and the answer finished plainly (0: none)
 
     # --- prompting and run
     prompt_format: str = "auto"  # "chat" (chat template), "raw" (Human:/Assistant: transcript)
@@ -82,7 +84,8 @@ class RainConfig:
                      "dynamic_extra_samples"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
-        for name in ("sample_attempts", "t_min", "fresh_iterations", "dynamic_max_children"):
+        for name in ("sample_attempts", "t_min", "fresh_iterations", "dynamic_max_children", "max_search_tokens",
+                     "max_search_seconds"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if self.t_min > self.t_max:

@@ -7,6 +7,7 @@ expand (candidate token sets), simulate (rollout to the next punctuation mark), 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ class ModelEnv:
         self.fmt = fmt
         self.cfg = config
         self.values: dict[Tokens, float] = {}  # official: values cached by text (dic)
+        self.started = time.perf_counter()
         self.value_cache_hits = 0
         self.eval_engine = getattr(evaluator, "engine", None)  # None: the value needs no model of ours
         with engine.counters.phase("prefill"):  # the prompt and the evaluation prompt, once
@@ -131,6 +133,16 @@ class ModelEnv:
 
     def decode(self, tokens: Tokens) -> str:
         return self.engine.decode(tokens)
+
+    def over_budget(self) -> bool:
+        cfg = self.cfg
+        if cfg.max_search_tokens and self.engine.counters.total().tokens >= cfg.max_search_tokens:
+            return True
+        return bool(cfg.max_search_seconds) and time.perf_counter() - self.started >= cfg.max_search_seconds
+
+    def complete(self, answer: Tokens) -> Tokens:
+        with self.engine.counters.phase("generate"):
+            return tuple(self.engine.generate(self.context + list(answer), self.cfg.max_new_tokens - len(answer)))
 
     def on_commit(self, answer: Tokens) -> None:
         """Free cached KV that no longer extends the committed answer (bounded memory)."""

@@ -61,6 +61,12 @@ class SearchEnv(Protocol):
     def on_commit(self, answer: Tokens) -> None:
         """The answer so far is now fixed; anything not extending it may be freed."""
 
+    def over_budget(self) -> bool:
+        """Whether this answer's compute budget (tokens processed or seconds) is spent."""
+
+    def complete(self, answer: Tokens) -> Tokens:
+        """Finish the answer by plain decoding (used once the budget is spent)."""
+
 
 @dataclass(eq=False)
 class Node:
@@ -111,6 +117,8 @@ class SearchStats:
     similarity_updates: int = 0
     dynamic_additions: int = 0
     terminal_evaluations: int = 0
+    budget_stopped: bool = False  # the compute budget ran out: best path committed, the rest decoded plainly
+    completed_tokens: int = 0  # tokens decoded without search after the budget ran out
 
 
 @dataclass
@@ -144,10 +152,15 @@ class RainSearch:
         start = time.perf_counter()
         steps: list[StepRecord] = []
         while not self.env.is_terminal(self.answer):
+            if self.env.over_budget():
+                self._finish_over_budget(steps)
+                break
             visits_before = self.root.visits
             end = max(self.cfg.t_max, visits_before + self.cfg.fresh_iterations)
             done = 0
             for _ in range(visits_before, end):
+                if done > 0 and self.env.over_budget():
+                    break
                 self.iterate()
                 done += 1
                 self._report(done, end - visits_before)
@@ -157,13 +170,26 @@ class RainSearch:
             best = self.best_child(self.root)
             if best is None:  # only possible if the root could not be expanded at all
                 break
-            record = StepRecord(iterations=done, committed=best.tokens, visits_before=visits_before,
-                                tree=self.tree_dict(self.root) if self.trace else None)
-            steps.append(record)
-            self.stats.steps += 1
-            self.stats.iterations_per_step.append(done)
-            self.commit(best)
+            self._commit_step(steps, best, done, visits_before)
         return SearchResult(self.answer, self.stats, steps, time.perf_counter() - start)
+
+    def _commit_step(self, steps: list[StepRecord], best: Node, iterations: int, visits_before: int) -> None:
+        steps.append(StepRecord(iterations=iterations, committed=best.tokens, visits_before=visits_before,
+                                tree=self.tree_dict(self.root) if self.trace else None))
+        self.stats.steps += 1
+        self.stats.iterations_per_step.append(iterations)
+        self.commit(best)
+
+    def _finish_over_budget(self, steps: list[StepRecord]) -> None:
+        """The compute budget is spent: commit the best path found so far, then let the model finish
+        the answer by plain decoding (no more search)."""
+        self.stats.budget_stopped = True
+        while not self.env.is_terminal(self.answer) and (best := self.best_child(self.root)) is not None:
+            self._commit_step(steps, best, 0, self.root.visits)
+        if not self.env.is_terminal(self.answer):
+            rest = self.env.complete(self.answer)
+            self.answer = self.answer + rest
+            self.stats.completed_tokens = len(rest)
 
     def best_child(self, node: Node) -> Node | None:
         """Most visited child (n, including similarity credit), ties broken by q (official)."""

@@ -25,12 +25,32 @@ class PhaseCount:
     seconds: float = 0.0
 
 
+class LeastWork:
+    """The least work a search could have done: every distinct token position it asked the model
+    about (contexts whose logits it needed, rows it decoded, prompts it scored), each processed
+    once. Set beside the tokens actually processed, it shows the waste."""
+
+    def __init__(self) -> None:
+        self.root: dict[int, dict] = {}
+        self.tokens = 0
+
+    def add(self, sequence: Sequence[int]) -> None:
+        node = self.root
+        for token in sequence:
+            child = node.get(token)
+            if child is None:
+                child = node[token] = {}
+                self.tokens += 1
+            node = child
+
+
 class Counters:
-    """Forward passes, tokens processed and wall time, per phase."""
+    """Forward passes, tokens processed and wall time, per phase; and the least work possible."""
 
     def __init__(self) -> None:
         self.phases: dict[str, PhaseCount] = {}
         self.current = "prefill"
+        self.least = LeastWork()
 
     def add(self, rows: int, positions: int) -> None:
         count = self.phases.setdefault(self.current, PhaseCount())
@@ -57,6 +77,7 @@ class Counters:
 
     def reset(self) -> None:
         self.phases.clear()
+        self.least = LeastWork()
 
     def total(self) -> PhaseCount:
         total = PhaseCount()
@@ -71,6 +92,8 @@ class Counters:
                for name, c in sorted(self.phases.items())}
         t = self.total()
         out["total"] = {"forward_passes": t.forward_passes, "tokens": t.tokens}
+        if self.least.tokens:
+            out["least_work"] = {"tokens": self.least.tokens}
         return out
 
 

@@ -270,6 +270,7 @@ class HFEngine:
         for `context`, None when reuse is off)."""
         if not context:
             raise RainError("empty context: nothing to condition on")
+        self.counters.least.add(context)
         if self.reuse_cache:
             path, node, pos, logits = self.prefix_cache.lookup(context)
         else:
@@ -341,6 +342,7 @@ class HFEngine:
                 logprob[r] += lp_list[r]
                 if done(r, tokens[r]) or step == length - 1:
                     leaving.append((tokens[r][:-1], slot, last_logits[r]))
+                    self.counters.least.add(list(context) + tokens[r][:-1])
                 else:
                     still.append(slot)
             self._store(node, leaving, cache, start)
@@ -419,6 +421,8 @@ class HFEngine:
             path, node, pos, _ = self.prefix_cache.lookup(prefix)
         else:
             path, node, pos = [], None, 0
+        for suffix in suffixes:
+            self.counters.least.add(list(prefix) + list(suffix))
         rest = list(prefix[pos:])
         if len(rest) > 2 * max(len(s) for s in suffixes):
             # a long uncached prefix: encode it once (batch 1) rather than once per row
