@@ -65,8 +65,11 @@ def main() -> int:
             out = rain.generate(prompt, cfg, **settings[m])
             seconds = time.perf_counter() - start
             total = out.stats["compute"]["total"]
+            embed = out.stats["compute"].get("embed", {}).get("tokens", 0)
             rec = {"id": pid, "answer_tokens": len(out.token_ids), "seconds": seconds,
                    "forward_passes": total["forward_passes"], "tokens_processed": total["tokens"],
+                   "lm_tokens_processed": total["tokens"] - embed,
+                   "least_work": out.stats["compute"].get("least_work", {}).get("tokens", 0),
                    "iterations_per_step": out.stats.get("iterations_per_step", []),
                    "compute": out.stats["compute"], "text": out.text}
             runs[m].append(rec)
@@ -82,15 +85,18 @@ def main() -> int:
             "forward_passes_per_token": sum(r["forward_passes"] for r in recs) / answer,
             "tokens_processed_per_token": sum(r["tokens_processed"] for r in recs) / answer,
             "iterations_per_step": statistics.mean(its) if its else 0.0,
+            "lm_tokens_over_least_work": (sum(r["lm_tokens_processed"] for r in recs)
+                                          / max(1, sum(r["least_work"] for r in recs))),
             "answer_tokens": answer,
         }
     base = summary.get("vanilla")
     print(f"{'method':14s} {'s/token':>9s} {'x vanilla':>9s} {'fwd/token':>10s} {'tok proc/token':>15s} "
-          f"{'iter/step':>9s}")
+          f"{'iter/step':>9s} {'LM tok/least':>12s}")
     for m, s in summary.items():
         ratio = s["seconds_per_token"] / base["seconds_per_token"] if base else float("nan")
         print(f"{m:14s} {s['seconds_per_token']:9.3f} {ratio:9.1f} {s['forward_passes_per_token']:10.1f} "
-              f"{s['tokens_processed_per_token']:15.1f} {s['iterations_per_step']:9.1f}")
+              f"{s['tokens_processed_per_token']:15.1f} {s['iterations_per_step']:9.1f} "
+              f"{s['lm_tokens_over_least_work']:12.2f}")
     if "rain" in summary and "rain-no-reuse" in summary:
         r, o = summary["rain"], summary["rain-no-reuse"]
         print(f"KV reuse saves {o['tokens_processed_per_token'] / r['tokens_processed_per_token']:.1f}x tokens "

@@ -287,3 +287,28 @@ def test_no_budget_no_stop():
     env = FakeEnv(probs=(0.6, 0.4), value=lambda a: 0.0, budget=2)
     r = RainSearch(env, cfg(t_max=4)).run()
     assert not r.stats.budget_stopped and r.stats.completed_tokens == 0
+
+
+def test_parallel_leaves_are_distinct_and_all_backed_up():
+    env = FakeEnv(probs=(0.4, 0.3, 0.2, 0.1), value=lambda a: 0.0, budget=5)
+    s = RainSearch(env, cfg(parallel_leaves=3, t_max=20))
+    assert s.iterate() == 1  # only the root exists: one leaf
+    assert s.iterate() == 3  # virtual loss spreads the round over three different children
+    assert sorted(c.visits for c in s.root.children) == [0, 1, 1, 1]
+    assert s.root.visits == 4 and all(c.pending == 0 for c in s.root.children)
+    expands = [c for c in env.calls if c[0] == "expand"]
+    assert len({c[1] for c in expands}) == len(expands) == 4
+
+
+def test_parallel_round_never_overshoots_the_budget():
+    env = FakeEnv(probs=(0.4, 0.3, 0.2, 0.1), value=lambda a: 0.0, budget=1)
+    r = RainSearch(env, cfg(parallel_leaves=4, t_max=6)).run()
+    assert r.stats.iterations_per_step == [6] and r.stats.iterations == 6
+
+
+def test_parallel_search_runs_the_same_budget():
+    env = FakeEnv(probs=(0.5, 0.3, 0.2), value=lambda a: ((sum(a) * 31) % 7) / 3.5 - 1.0, budget=4)
+    r = RainSearch(env, cfg(t_max=9, parallel_leaves=3, token_set_lengths=(1,))).run()
+    assert len(r.tokens) == 4
+    assert r.stats.iterations_per_step[0] == 9  # rounds of 3 fill the step's budget exactly
+    assert r.stats.rewinds == r.stats.iterations == sum(r.stats.iterations_per_step)

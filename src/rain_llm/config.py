@@ -63,6 +63,7 @@ class RainConfig:
     t_max: int = 50  # official maxT = 50
     value_threshold: float = 0.8  # official Vt = 0.8
     fresh_iterations: int = 15  # official: range(initi, max(maxT, initi + 15))
+    parallel_leaves: int = 1  # ours: leaves selected per round with virtual loss (1 = the paper's loop)
     max_search_tokens: int = 0  # ours: budget per answer in tokens processed (0: none); then the best
     max_search_seconds: float = 0.0  # path so far is committed and the answer finished plainly (0: none)
 
@@ -81,7 +82,7 @@ class RainConfig:
         if self.method not in METHODS:
             raise bad("method", f"expected one of {', '.join(METHODS)}")
         for name in ("max_new_tokens", "num_candidates", "top_k", "t_max", "max_rollout_tokens",
-                     "dynamic_extra_samples"):
+                     "dynamic_extra_samples", "parallel_leaves"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("sample_attempts", "t_min", "fresh_iterations", "dynamic_max_children", "max_search_tokens",

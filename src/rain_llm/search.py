@@ -84,6 +84,7 @@ class Node:
     embedding: np.ndarray | None = None
     similarity_updates: int = 0
     dynamic: bool = False
+    pending: int = 0  # leaves below chosen in the current parallel round (virtual loss)
 
     def child_with(self, tokens: Tokens) -> Node | None:
         return next((c for c in self.children if c.tokens == tokens), None)
@@ -158,11 +159,10 @@ class RainSearch:
             visits_before = self.root.visits
             end = max(self.cfg.t_max, visits_before + self.cfg.fresh_iterations)
             done = 0
-            for _ in range(visits_before, end):
+            while visits_before + done < end:
                 if done > 0 and self.env.over_budget():
                     break
-                self.iterate()
-                done += 1
+                done += self.iterate(max_leaves=end - visits_before - done)
                 self._report(done, end - visits_before)
                 best = self.best_child(self.root)
                 if best is not None and best.visits > self.cfg.t_min and best.q > self.cfg.value_threshold:
@@ -207,32 +207,70 @@ class RainSearch:
         self.env.on_commit(self.answer)
 
     # ------------------------------------------------------------------ inner loop
-    def iterate(self) -> None:
-        """select -> expand (with the rollout) -> evaluate -> rewind."""
-        node = self.root
-        answer = self.answer
+    def iterate(self, max_leaves: int | None = None) -> int:
+        """One round: select P leaves (P = parallel_leaves; virtual loss keeps them apart), expand
+        them with their rollouts, evaluate, rewind each. P = 1 is the paper's sequential loop:
+        select -> expand (with the rollout) -> evaluate -> rewind. Returns the leaves done."""
+        leaves: list[tuple[Node, Tokens]] = []
+        for _ in range(min(self.cfg.parallel_leaves, max_leaves or self.cfg.parallel_leaves)):
+            node, answer = self._descend()
+            if any(node is other for other, _ in leaves):
+                break  # virtual loss could not push the selection elsewhere: the tree is too small
+            leaves.append((node, answer))
+            self._pending(node, +1)
+        for node, _ in leaves:
+            self._pending(node, -1)
+        open_leaves = [(node, answer) for node, answer in leaves if not self.env.is_terminal(answer)]
+        jobs = [(answer, token_set_length(self.cfg, node.depth), self.cfg.num_candidates, self.cfg.sample_attempts)
+                for node, answer in open_leaves]
+        expanded = dict(zip((id(n) for n, _ in open_leaves), self._expand_all(jobs)))
+        rollouts = [expanded[id(node)][1] if id(node) in expanded else () for node, _ in leaves]
+        values = self._value_all([answer + r for (_, answer), r in zip(leaves, rollouts)])
+        for (node, _), rollout, value in zip(leaves, rollouts, values):
+            if id(node) in expanded:  # evaluated the leaf (official: before expanding it)
+                self.add_children(node, expanded[id(node)][0])
+            else:
+                self.stats.terminal_evaluations += 1
+            self.backup(node, value, rollout)
+        return len(leaves)
+
+    def _descend(self) -> tuple[Node, Tokens]:
+        node, answer = self.root, self.answer
         while node.children:
             self._maybe_add_children(node, answer)
             node = self.select(node)
             answer = answer + node.tokens
-        if self.env.is_terminal(answer):
-            self.stats.terminal_evaluations += 1
-            self.backup(node, self.env.value(answer), ())
-            return
-        length = token_set_length(self.cfg, node.depth)
-        candidates, rollout = self.env.expand(answer, length, self.cfg.num_candidates, self.cfg.sample_attempts)
-        value = self.env.value(answer + rollout)  # evaluate the leaf (official: before expanding it)
-        self.add_children(node, candidates)
-        self.backup(node, value, rollout)
+        return node, answer
+
+    def _pending(self, leaf: Node, delta: int) -> None:
+        """Virtual loss: a leaf chosen in this round counts, until backed up, as a visit worth -1."""
+        node: Node | None = leaf
+        while node is not None:
+            node.pending += delta
+            node = node.parent
+
+    def _expand_all(self, jobs: list[tuple[Tokens, int, int, int]]) -> list[tuple[list[tuple[Tokens, float]], Tokens]]:
+        batch = getattr(self.env, "expand_batch", None)
+        if batch is not None and len(jobs) > 1:
+            return batch(jobs)
+        return [self.env.expand(*job) for job in jobs]
+
+    def _value_all(self, answers: list[Tokens]) -> list[float]:
+        batch = getattr(self.env, "value_batch", None)
+        if batch is not None and len(answers) > 1:
+            return batch(answers)
+        return [self.env.value(a) for a in answers]
 
     def select(self, node: Node) -> Node:
-        """argmax of q_hat + u over the children (first wins ties)."""
-        sqrt_n = math.sqrt(node.n)
+        """argmax of q_hat + u over the children (first wins ties); pending leaves count as losses."""
+        sqrt_n = math.sqrt(node.n + node.pending)
         span = self.q_max - self.q_min + 1e-5  # official getqu()
 
         def score(c: Node) -> float:
-            q_hat = (c.q - self.q_min) / span if c.n > 0 else 0.0
-            return q_hat + self.cfg.c_puct * c.prior * sqrt_n / (1 + c.n)
+            n = c.n + c.pending
+            q = (c.q * c.n - c.pending) / n if c.pending else c.q
+            q_hat = (q - self.q_min) / span if n > 0 else 0.0
+            return q_hat + self.cfg.c_puct * c.prior * sqrt_n / (1 + n)
 
         return max(node.children, key=score)
 
