@@ -176,3 +176,12 @@ def test_report_from_eval_results(rain, tmp_path):
     assert "| vanilla | 2 |" in md and "| rain | 2 |" in md
     assert (tmp_path / "rep" / "harmless_vs_helpful.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line(run_cli("report", str(tmp_path / "missing.jsonl")), "missing.jsonl")
+
+
+def test_xstest_with_an_lm_judge(rain, tmp_path):
+    out = tmp_path / "x.jsonl"
+    run_eval(rain, tiny_cfg(), EvalSettings(task="xstest", out=out, methods=["vanilla"], limit=1, shard=(0, 450),
+                                            judge_model="policy", progress=False))
+    r = read_records(out)[0]
+    assert r.meta["label"] == "safe" and r.scores["over_refusal_lm"] in (0.0, 1.0)
+    assert r.scores["unsafe_compliance_lm"] is None and "lm:refusal" in r.judges

@@ -314,3 +314,25 @@ def test_openai_backend_unreachable_endpoint():
         LMJudge(backend, "harmful").judge("p", "r")
     assert time.monotonic() - start < 10
     assert url in str(err.value) and "\n" not in str(err.value)
+
+
+def test_refusal_kind_counts_full_and_partial_refusals():
+    from rain_llm.judges import LMJudge
+
+    class Fixed:
+        def __init__(self, letter):
+            self.letter = letter
+
+        def choose(self, text, options):
+            from rain_llm.judges import Choice
+
+            assert options == ("A", "B", "C") and "partial refusal" in text
+            return Choice(self.letter, None, self.letter)
+
+        def identity(self):
+            return {"type": "fixed"}
+
+    got = {letter: LMJudge(Fixed(letter), "refusal").judge("q", "r", {}) for letter in "ABC"}
+    assert got["A"] == {"refused_lm": 0.0, "full_refusal_lm": 0.0}
+    assert got["B"] == {"refused_lm": 1.0, "full_refusal_lm": 1.0}
+    assert got["C"] == {"refused_lm": 1.0, "full_refusal_lm": 0.0}

@@ -34,6 +34,10 @@ LABELS = {
     "informative": "informative",
     "positive": "positive",
     "over_refusal": "over-refusal",
+    "unsafe_compliance": "unsafe compliance",
+    "refused_lm": "refusal rate (LM judge)",
+    "over_refusal_lm": "over-refusal (LM judge)",
+    "unsafe_compliance_lm": "unsafe compliance (LM judge)",
     "win_harmless_vs_vanilla": "harmless win rate vs vanilla",
     "win_helpful_vs_vanilla": "helpful win rate vs vanilla",
 }
