@@ -88,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(ev)
 
+    bench = sub.add_parser("bench", help="vanilla vs RAIN side by side: time, forward passes, tokens, least work")
+    bench.add_argument("--model", default=None, help="model to load (default: the bundled SmolLM2-135M-Instruct)")
+    bench.add_argument("--random", default=None, choices=["tiny", "llama3-8b"],
+                       help="instead of --model: random weights of this shape (bf16 on a GPU)")
+    bench.add_argument("--prompts", type=int, default=3, help="number of HH first-turn prompts")
+    bench.add_argument("--methods", default="vanilla,rain,rain-no-reuse",
+                       help="comma-separated: vanilla, rain, rain-no-reuse, rain-pN (N parallel leaves)")
+    bench.add_argument("--fixed-budget", action="store_true",
+                       help="no early stop (value_threshold 2, fresh_iterations 0): every step runs t_max iterations")
+    bench.add_argument("--out", default=None, help="write JSON here")
+    bench.add_argument("--preset", default="paper-hh")
+    bench.add_argument("--config", default=None)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto")
+    _add_config_flags(bench)
+
     rep = sub.add_parser("report", help="tables, CSV and plots from rain eval results")
     rep.add_argument("results", nargs="+", help="results files (JSON lines)")
     rep.add_argument("--out", default="report", help="output folder (default ./report)")
@@ -199,6 +215,40 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_command(args: argparse.Namespace) -> int:
+    from .api import Rain
+    from .bench import bench_prompts, machine, random_rain, run_bench, table, write_json
+    from .models import pick_device
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
+    if args.fixed_budget:
+        overrides.update(value_threshold=2.0, fresh_iterations=0)
+    cfg = load_config(args.preset, args.config, **overrides)
+    methods: dict[str, dict[str, Any]] = {}
+    for m in [m for m in args.methods.split(",") if m]:
+        if m == "vanilla":
+            methods[m] = {"method": "vanilla"}
+        elif m == "rain":
+            methods[m] = {}
+        elif m == "rain-no-reuse":
+            methods[m] = {"reuse_cache": False}
+        elif m.startswith("rain-p") and m[6:].isdigit() and int(m[6:]) >= 1:
+            methods[m] = {"parallel_leaves": int(m[6:])}
+        else:
+            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN)")
+    if args.prompts < 1:
+        raise RainError(f"invalid --prompts {args.prompts}: must be at least 1")
+    rain = random_rain(args.random, pick_device(args.device)) if args.random else \
+        Rain.load(args.model, device=args.device, dtype=args.dtype)
+    result = run_bench(rain, cfg, bench_prompts(args.prompts), methods)
+    print(table(result["summary"]))
+    if args.out:
+        write_json(Path(args.out), {"command": " ".join(sys.argv), "machine": machine(), "model": rain.name,
+                                    "config": cfg.to_dict(), **result})
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def run_report_command(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -228,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval_command(args)
         if args.command == "report":
             return run_report_command(args)
+        if args.command == "bench":
+            return run_bench_command(args)
     except RainError as err:
         print(f"rain: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,32 @@
+"""`rain bench` runs every method side by side and writes what it promises."""
+
+from __future__ import annotations
+
+import json
+
+from rain_llm.cli import main
+
+
+def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--random", "tiny", "--prompts", "1", "--methods", "vanilla,rain,rain-no-reuse,rain-p2",
+                 "--preset", "fast", "--max-new-tokens", "6", "--t-max", "4", "--fixed-budget",
+                 "--max-rollout-tokens", "4", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "x vanilla" in printed and "rain-p2" in printed
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert set(s) == {"vanilla", "rain", "rain-no-reuse", "rain-p2"}
+    assert s["vanilla"]["x_vanilla"] == 1.0
+    assert s["rain-no-reuse"]["tokens_per_token"] > s["rain"]["tokens_per_token"]
+    assert s["rain"]["lm_tokens_over_least_work"] >= 1.0  # never less than the least work
+    assert s["rain-no-reuse"]["lm_tokens_over_least_work"] > s["rain"]["lm_tokens_over_least_work"]
+    for phase in ("expand", "evaluate"):
+        assert s["rain"]["phases"][phase]["forward_passes"] > 0
+    assert data["machine"]["torch"] and data["config"]["value_threshold"] == 2.0
+
+
+def test_bench_bad_method(capsys):
+    assert main(["bench", "--methods", "vanilla,magic"]) == 2
+    assert "unknown bench method" in capsys.readouterr().err
