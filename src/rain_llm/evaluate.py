@@ -227,16 +227,12 @@ def selfeval_record(rain: Rain, ex: Example, cfg: RainConfig) -> tuple[dict[str,
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def done_pairs(out: Path, task: str) -> set[tuple[str, str]]:
-    """(id, method) pairs already in the results file; refuse a file of another task."""
-    if not out.exists():
-        return set()
-    records = read_records(out)
+def check_task(records: list[Record], out: Path, task: str) -> None:
+    """Refuse to append to a results file of another task."""
     other = {r.task for r in records} - {task}
     if other:
         raise RainError(f"results file {out} holds {', '.join(sorted(other))} results, not {task}: "
                         "pick another --out")
-    return {(str(r.id), r.method) for r in records}
 
 
 def append(out: Path, record: Record) -> None:
@@ -254,14 +250,16 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     examples = select(load_examples(task, settings.source, variant=settings.variant),
                       limit=settings.limit, shard=settings.shard)
     settings.out.parent.mkdir(parents=True, exist_ok=True)
-    done = done_pairs(settings.out, task)
+    existing = read_records(settings.out) if settings.out.exists() else []
+    check_task(existing, settings.out, task)
+    done = {(str(r.id), r.method) for r in existing}
     methods = ["selfeval"] if task == "selfeval" else settings.methods
     todo = [(ex, m) for ex in examples for m in methods if (str(ex.id), m) not in done]
     judging = None if task == "selfeval" else Judging(task, settings, rain, cfg)
     # tokens processed per prompt by rain and vanilla (also from a resumed file), for --best-of-n match
     spent: dict[str, dict[str, int]] = {"rain": {}, "vanilla": {}}
     answers: dict[str, dict[str, str]] = {}  # id -> method -> response, for pairwise comparisons
-    for r in read_records(settings.out) if settings.out.exists() else []:
+    for r in existing:
         if r.method in spent:
             spent[r.method][str(r.id)] = r.compute.get("total", {}).get("tokens", 0)
         answers.setdefault(str(r.id), {})[r.method] = r.response
