@@ -275,6 +275,7 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
         meta = dict(ex.meta)
         method_config: dict[str, Any] = {}
         if task == "selfeval":
+            rain.engine.counters.reset()  # this pair's work only
             scores, idents = selfeval_record(rain, ex, cfg)
             meta |= scores.pop("_meta")  # type: ignore[arg-type]
             response, gen_stats = "", {"answer_tokens": 0, "compute": rain.engine.counters.to_dict()}

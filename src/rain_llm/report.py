@@ -380,8 +380,11 @@ def new_figure(panels: int):
 def scatter(ax, xs: list[Estimate], ys: list[Estimate], names: list[str]) -> None:
     ax.errorbar([e.mean for e in xs], [e.mean for e in ys], xerr=errors(xs), yerr=errors(ys),
                 fmt="o", capsize=3, color="tab:blue", ecolor="tab:gray")
+    placed: list[tuple[float, float]] = []
     for x, y, name in zip(xs, ys, names):
-        ax.annotate(name, (x.mean, y.mean), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        stacked = sum(1 for p in placed if p == (x.mean, y.mean))  # methods on the same point: stack labels
+        placed.append((x.mean, y.mean))
+        ax.annotate(name, (x.mean, y.mean), textcoords="offset points", xytext=(6, 6 + 11 * stacked), fontsize=9)
     ax.margins(0.15)  # room for the labels of points at the edges
     ax.grid(True, alpha=0.3)
 
