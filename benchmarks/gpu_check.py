@@ -146,7 +146,7 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
         n = max(len(g.token_ids), 1)
         out[name] = {"s_per_token": sec / n, "answer_tokens": n, "seconds": sec,
                      "iterations_per_step": g.stats.get("iterations_per_step"), "compute": g.stats["compute"]}
-        phases = {k: (c["forward_passes"], round(c.get("seconds", 0), 2)) for k, c in g.stats["compute"].items()}
+        phases = {k: (c.get("forward_passes"), round(c.get("seconds", 0), 2)) for k, c in g.stats["compute"].items()}
         print(f"{name:14s} {sec / n * 1000:8.1f} ms/token  {phases}", flush=True)
     v = out["vanilla"]["s_per_token"]
     out["ratios"] = {"rain_vs_vanilla": out["rain"]["s_per_token"] / v,

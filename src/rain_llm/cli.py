@@ -138,15 +138,18 @@ class Progress:
 
 def summary(stats: dict[str, Any], method: str) -> str:
     compute = stats["compute"]
-    phases = ", ".join(f"{name} {c['forward_passes']}/{c['tokens']}" for name, c in compute.items() if name != "total")
+    phases = ", ".join(f"{name} {c['forward_passes']}/{c['tokens']}" for name, c in compute.items()
+                       if name not in ("total", "least_work"))
     total = compute["total"]
+    least = compute.get("least_work", {}).get("tokens")
     if method == "vanilla":
         head = f"vanilla: {stats['answer_tokens']} tokens"
     else:
         head = (f"rain: {stats['committed_steps']} steps, {stats['iterations']} iterations "
                 f"(per step {stats['iterations_per_step']}), {stats['nodes']} nodes, {stats['rewinds']} rewinds, "
                 f"{stats['similarity_updates']} similarity updates, {stats['dynamic_additions']} added nodes")
-    return (f"{head}\nforward passes/tokens: {phases}; total {total['forward_passes']}/{total['tokens']}\n"
+    least_text = f" (least work {least} tokens)" if least else ""
+    return (f"{head}\nforward passes/tokens: {phases}; total {total['forward_passes']}/{total['tokens']}{least_text}\n"
             f"wall time {stats['seconds']:.2f}s")
 
 
