@@ -23,7 +23,7 @@ from .evaluators import SelfEvaluator, load_template
 from .models import load_model
 from .prompts import chat_wrapper, has_chat_template, prompt_format
 from .search import ProgressFn, RainSearch
-from .values import ValueSource, build_value_source
+from .values import CallableValue, ValueSource, build_value_source
 
 
 @dataclass
@@ -69,8 +69,7 @@ class Rain:
         if value is not None and hasattr(value, "bind"):
             return value
         if callable(value):
-            return build_value_source(value, policy=self, template=None, chat=False, mode=cfg.value_mode,  # type: ignore[arg-type]
-                                      chat_template=None)
+            return CallableValue(value)
         key = (cfg.value, cfg.template, cfg.eval_format, cfg.value_mode)
         if key not in self._value_sources:
             chat = has_chat_template(self.tokenizer) if cfg.eval_format == "auto" else cfg.eval_format == "chat"
@@ -119,7 +118,7 @@ class Rain:
         source = self.value_source(cfg, value_fn)
         evaluator = source.bind(prompt)
         if isinstance(evaluator, SelfEvaluator) and evaluator.engine is engine:
-            eval_len = len(evaluator.prefix_ids(prompt)) + max(len(s) for s in evaluator.suffix_ids)
+            eval_len = len(evaluator.prefix_ids("")) + max(len(s) for s in evaluator.suffix_ids)
             if eval_len + cfg.max_new_tokens + cfg.max_rollout_tokens > window:
                 raise RainError(f"prompt too long: its self-evaluation prompt ({eval_len} tokens) plus the answer "
                                 f"budget exceeds the model's context window of {window}")

@@ -123,7 +123,7 @@ class RewardModelValue:
 
 def build_value_source(spec: str | Callable[[str, str], float], *, policy: Any, template: Template,
                        chat: bool, mode: str, chat_template: Any, device: str = "cpu") -> ValueSource:
-    """Turn `value` (config string or callable) into a value source."""
+    """Turn a config string (`RainConfig.value`) or a callable into a value source."""
     if callable(spec):
         return CallableValue(spec)
     if spec == "self":
