@@ -122,7 +122,10 @@ class Rain:
             if eval_len + cfg.max_new_tokens + cfg.max_rollout_tokens > window:
                 raise RainError(f"prompt too long: its self-evaluation prompt ({eval_len} tokens) plus the answer "
                                 f"budget exceeds the model's context window of {window}")
-            engine.retain([evaluator.constant_ids()])  # keep only the template's constant part from earlier prompts
+            constant = evaluator.constant_ids()
+            engine.retain([constant])  # keep only the template's constant part from earlier prompts
+            if engine.reuse_cache and engine.prefix_cache.num_tokens() >= len(constant):
+                engine.counters.least.add(constant, count=False)  # cached already: no work this answer
         else:
             engine.reset()
         embedder = self.embedder

@@ -34,13 +34,14 @@ class LeastWork:
         self.root: dict[int, dict] = {}
         self.tokens = 0
 
-    def add(self, sequence: Sequence[int]) -> None:
+    def add(self, sequence: Sequence[int], *, count: bool = True) -> None:
+        """Note positions the search asked about; `count=False` for ones cached by an earlier answer."""
         node = self.root
         for token in sequence:
             child = node.get(token)
             if child is None:
                 child = node[token] = {}
-                self.tokens += 1
+                self.tokens += int(count)
             node = child
 
 
