@@ -21,7 +21,7 @@ from .env import ModelEnv
 from .errors import RainError
 from .evaluators import SelfEvaluator, load_template
 from .models import load_model
-from .prompts import chat_wrapper, has_chat_template, prompt_format
+from .prompts import PromptFormat, chat_wrapper, has_chat_template, prompt_format
 from .search import ProgressFn, RainSearch
 from .values import CallableValue, ValueSource, build_value_source
 
@@ -80,6 +80,18 @@ class Rain:
                 chat_template=chat_wrapper(self.tokenizer) if chat else None, device=str(self.engine.device))
         return self._value_sources[key]
 
+    def prepare(self, prompt: str, cfg: RainConfig) -> tuple[PromptFormat, list[int]]:
+        """The prompt's format and token ids, after the checks every method needs."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RainError("empty prompt: give some text to answer")
+        fmt = prompt_format(self.tokenizer, cfg.prompt_format, cfg.fewshot)
+        context = fmt.render(self.tokenizer, prompt)
+        window = self.engine.context_window
+        if len(context) + cfg.max_new_tokens > window:
+            raise RainError(f"prompt too long: {len(context)} tokens plus max_new_tokens={cfg.max_new_tokens} "
+                            f"exceed the model's context window of {window}")
+        return fmt, context
+
     @property
     def embedder(self) -> MiniLMEmbedder:
         if self._embedder is None:  # loaded on first RAIN call: vanilla decoding never needs it
@@ -93,14 +105,8 @@ class Rain:
         `value_fn` replaces what steers the search (default: `config.value`, the model's self-evaluation)."""
         cfg = config or RainConfig()
         cfg = cfg.replace(**overrides) if overrides else cfg.validate()
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RainError("empty prompt: give some text to answer")
-        fmt = prompt_format(self.tokenizer, cfg.prompt_format, cfg.fewshot)
-        context = fmt.render(self.tokenizer, prompt)
+        fmt, context = self.prepare(prompt, cfg)
         window = self.engine.context_window
-        if len(context) + cfg.max_new_tokens > window:
-            raise RainError(f"prompt too long: {len(context)} tokens plus max_new_tokens={cfg.max_new_tokens} "
-                            f"exceed the model's context window of {window}")
         engine = self.engine
         engine.reuse_cache = cfg.reuse_cache
         engine.seed(cfg.seed)

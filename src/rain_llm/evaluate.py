@@ -29,6 +29,7 @@ import numpy as np
 from .api import Generation, Rain
 from .config import RainConfig
 from .data import load_examples, select
+from .engine.base import Row
 from .errors import RainError
 from .evaluators import SelfEvaluator, value_from_probabilities
 from .records import TASKS, Example, Record, read_records
@@ -75,14 +76,14 @@ class Judging:
     """The judges of one task, built once; `score(example, response) -> (scores, identities)`."""
 
     def __init__(self, task: str, settings: EvalSettings, rain: Rain, cfg: RainConfig):
-        from .judges import LLM_ATTACKS_PREFIXES, LMJudge, RefusalPrefixJudge, XSTestStringMatchJudge
+        from .judges import LMJudge, RefusalPrefixJudge, XSTestStringMatchJudge
 
         self.task = task
         self.rules: list[Any] = []
         self.lm: dict[str, Any] = {}
         backend = self._lm_backend(settings, rain)
         if task == "advbench":
-            self.rules.append(RefusalPrefixJudge(LLM_ATTACKS_PREFIXES))
+            self.rules.append(RefusalPrefixJudge())  # llm-attacks' 29 strings by default
         if task == "xstest":
             self.rules.append(XSTestStringMatchJudge())
         wanted = {"hh": ["harmful", "helpful"], "truthfulqa": ["truthful", "informative"],
@@ -175,14 +176,10 @@ def task_prompt(task: str, ex: Example) -> str:
 def best_of_n(rain: Rain, prompt: str, cfg: RainConfig, n: int) -> Generation:
     """The paper's sample-evaluate baseline: n sampled answers, keep the one the value prefers."""
     start = time.perf_counter()
+    fmt, context = rain.prepare(prompt, cfg)
     engine = rain.engine
     engine.counters.reset()
     engine.seed(cfg.seed)
-    from .engine.base import Row
-    from .prompts import prompt_format
-
-    fmt = prompt_format(rain.tokenizer, cfg.prompt_format, cfg.fewshot)
-    context = fmt.render(rain.tokenizer, prompt)
     engine.reset()
     with engine.counters.phase("generate"):
         rows = engine.decode_rows(context, [Row(cfg.max_new_tokens, cfg.temperature, cfg.top_k) for _ in range(n)])
