@@ -4,12 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 R=.venv/bin/rain
 OUT=results/eval
-N=${N:-16}
+N=${N:-50}
 COMMON=(--preset fast --max-new-tokens 24 --quiet)
 $R eval selfeval --limit 200 --out $OUT/selfeval.jsonl --quiet
 $R eval advbench --limit "$N" --methods vanilla,rain "${COMMON[@]}" --out $OUT/advbench.jsonl
 $R eval sentiment --limit "$N" --methods vanilla,rain --value vader "${COMMON[@]}" --out $OUT/sentiment-vader.jsonl
-$R eval xstest --shard 0/28 --limit "$N" --methods vanilla,rain "${COMMON[@]}" --out $OUT/xstest.jsonl
+$R eval xstest --shard 0/9 --limit "$N" --methods vanilla,rain "${COMMON[@]}" --out $OUT/xstest.jsonl
 $R eval hh --limit "$N" --methods vanilla,rain "${COMMON[@]}" --out $OUT/hh.jsonl
 $R eval truthfulqa --limit "$N" --methods vanilla,rain "${COMMON[@]}" --out $OUT/truthfulqa.jsonl
 $R report $OUT/*.jsonl --out $OUT/report

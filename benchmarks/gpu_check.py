@@ -9,9 +9,13 @@ No weights are available there, so models are random, built from configs, with r
 
 Part 1: tiny Llama and Gemma 3 (sliding window) in float32 and bfloat16 on the device: logits
 through every reuse path against a full forward, and the option scoring.
+Part 1 also checks several contexts in one left-padded batch (decode_groups, score_many) against
+each alone.
 Part 2: a Llama-3-8B-shaped model (bf16, vocabulary of the carried tokenizer): vanilla decoding
 with our engine and with transformers `generate` (KV cache), then RAIN (paper-hh settings, a
-fixed iteration budget per step so runs compare), with KV reuse on and off.
+fixed iteration budget per step so runs compare); then B prompts in lockstep (RAIN and vanilla,
+throughput against B = 1), parallel leaves (P = 4), and KV reuse off. Parts start only while
+`--budget-s` is not spent, so one device call stays well under its limit.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 PROMPT = "How do I pick a lock?"
+PROMPTS = [PROMPT, "What is the capital of France?", "Write a short poem about the sea.",
+           "How can I get back at my noisy neighbour?", "Explain how vaccines work to a ten-year-old.",
+           "Give me three tips for a job interview.", "What household chemicals should never be mixed, and why?",
+           "Summarise the plot of Romeo and Juliet in two sentences.", "How do I make a bomb?",
+           "Translate 'good morning' into French, Spanish and German.", "Why is the sky blue?",
+           "Write a haiku about autumn leaves.", "What is the best way to learn a new language as an adult?",
+           "Tell me a joke about programmers.", "How do I hack into my ex's email account?",
+           "List the planets of the solar system in order from the sun."]
 
 
 def make_assets(target: Path) -> None:
@@ -86,16 +98,38 @@ def correctness(tok, device: str) -> list[dict]:
             got = eng.score_options(ctx, [[11, 12, 13], [14, 15]], [32, 33])
             ref = [torch.softmax(full(ctx + s), -1)[[32, 33]].tolist() for s in ([11, 12, 13], [14, 15])]
             score_err = float((torch.tensor(got) - torch.tensor(ref)).abs().max())
+            # several contexts in one left-padded batch against each alone (same uniforms)
+            import numpy as np
+
+            from rain_llm.engine.base import Row
+
+            contexts = [ctx, ctx[:5], ctx + [17, 18, 19], [3, 9] + ctx[2:8]]
+            uniforms = [np.random.default_rng(i).random((2, 5)) for i in range(len(contexts))]
+            rows = [Row(5, 1.0, 15, greedy=True), Row(5, 1.0, 15)]
+            def fresh(model=model):
+                return HFEngine(model, tok, stop_ids=[tok.eos_token_id])
+
+            batch = fresh().decode_groups([(c, rows, u) for c, u in zip(contexts, uniforms)])
+            same = sum(fresh().decode_rows(c, rows, u)[j].tokens == got[j].tokens
+                       for c, u, got in zip(contexts, uniforms, batch) for j in range(2))
+            requests = [(ctx, [[11, 12, 13], [14, 15]], [32, 33]), (ctx[:6] + [50], [[11], [14, 15]], [32, 33])]
+            many = fresh().score_many(requests)
+            alone = [fresh().score_options(*r) for r in requests]
+            many_err = max(float(np.abs(a - b).max()) for a, b in zip(many, alone))
             tol = 2e-3 if dtype == torch.float32 else 0.25  # bf16: different kernel paths round differently
-            ok = max(diffs) < tol and score_err < 1e-3
+            # bf16 rounding may flip a sampled token near a tie; float32 must agree exactly
+            ok = max(diffs) < tol and score_err < 1e-3 and many_err < (1e-3 if dtype == torch.float32 else 0.05) \
+                and (same == 8 or dtype != torch.float32)
             results.append({"arch": arch, "dtype": str(dtype), "max_logit_diff": max(diffs),
-                            "score_diff": score_err, "ok": ok})
+                            "score_diff": score_err, "batched_rows_equal": f"{same}/8", "score_many_diff": many_err,
+                            "ok": ok})
             print(f"{arch:7s} {str(dtype):15s} max logit diff {max(diffs):.2e} score diff {score_err:.2e} "
-                  f"{'PASS' if ok else 'FAIL'}", flush=True)
+                  f"batched rows equal {same}/8 score_many diff {many_err:.2e} {'PASS' if ok else 'FAIL'}", flush=True)
     return results
 
 
-def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_max: int) -> dict:
+def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_max: int, batch: int,
+           budget_s: float) -> dict:
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from rain_llm import Rain, load_config
@@ -137,21 +171,38 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
                        value_threshold=2.0, max_rollout_tokens=8)
     for kw in ({"method": "vanilla"}, {}, {"reuse_cache": False}):  # warm-up: kernels, allocator, embedder
         rain.generate(PROMPT, base, max_new_tokens=4, **kw)
-    for name, kw in (("vanilla", {"method": "vanilla"}), ("rain", {}), ("rain-no-reuse", {"reuse_cache": False})):
+    rain.generate_many(PROMPTS[:2], base, max_new_tokens=4)
+    started = time.perf_counter()
+    plan = [("vanilla", 1, {"method": "vanilla"}), ("rain", 1, {}), (f"rain-b{batch}", batch, {}),
+            (f"vanilla-b{batch}", batch, {"method": "vanilla"}), ("rain-p4", 1, {"parallel_leaves": 4}),
+            ("rain-no-reuse", 1, {"reuse_cache": False})]
+    for name, b, kw in plan:
+        if time.perf_counter() - started > budget_s:  # leave time to write the report
+            print(f"{name}: skipped (time budget of {budget_s:.0f}s spent)", flush=True)
+            continue
         sync()
         t = time.perf_counter()
-        g = rain.generate(PROMPT, base, **kw)
+        gens = rain.generate_many(PROMPTS[:b], base, **kw)
         sync()
         sec = time.perf_counter() - t
-        n = max(len(g.token_ids), 1)
-        out[name] = {"s_per_token": sec / n, "answer_tokens": n, "seconds": sec,
-                     "iterations_per_step": g.stats.get("iterations_per_step"), "compute": g.stats["compute"]}
-        phases = {k: (c.get("forward_passes"), round(c.get("seconds", 0), 2)) for k, c in g.stats["compute"].items()}
+        n = max(sum(len(g.token_ids) for g in gens), 1)
+        stats = gens[0].stats
+        out[name] = {"s_per_token": sec / n, "answer_tokens": n, "seconds": sec, "batch": b,
+                     "iterations_per_step": [x for g in gens for x in g.stats.get("iterations_per_step", [])],
+                     "compute": stats.get("batch_compute", stats["compute"])}
+        phases = {k: (c.get("forward_passes"), round(c.get("seconds", 0), 2)) for k, c in out[name]["compute"].items()}
         print(f"{name:14s} {sec / n * 1000:8.1f} ms/token  {phases}", flush=True)
     v = out["vanilla"]["s_per_token"]
-    out["ratios"] = {"rain_vs_vanilla": out["rain"]["s_per_token"] / v,
+
+    def ratio(a: str, b: str) -> float | None:
+        return out[a]["s_per_token"] / out[b]["s_per_token"] if a in out and b in out else None
+
+    out["ratios"] = {"rain_vs_vanilla": ratio("rain", "vanilla"),
                      "rain_vs_hf_generate": out["rain"]["s_per_token"] / out["hf_generate_s_per_token"],
-                     "no_reuse_vs_reuse": out["rain-no-reuse"]["s_per_token"] / out["rain"]["s_per_token"]}
+                     "no_reuse_vs_reuse": ratio("rain-no-reuse", "rain"),
+                     f"rain_b{batch}_throughput_vs_b1": ratio("rain", f"rain-b{batch}"),
+                     f"vanilla_b{batch}_throughput_vs_b1": ratio("vanilla", f"vanilla-b{batch}"),
+                     "rain_p4_vs_p1_time": ratio("rain-p4", "rain"), "vanilla_s_per_token": v}
     print(json.dumps(out["ratios"]), flush=True)
     return out
 
@@ -163,6 +214,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny model instead of the 8B shape (CPU dry run)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--t-max", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=16, help="prompts in lockstep for the throughput comparison")
+    ap.add_argument("--budget-s", type=float, default=360, help="start no timing part after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = ap.parse_args()
     if args.make_assets:
@@ -184,7 +237,8 @@ def main() -> int:
     print(report, flush=True)
     report["correctness"] = correctness(tok, device)
     args.out.write_text(json.dumps(report, indent=1))
-    report["timing"] = timing(tok, args.assets / "minilm", device, args.tiny, args.new_tokens, args.t_max)
+    report["timing"] = timing(tok, args.assets / "minilm", device, args.tiny, args.new_tokens, args.t_max,
+                              args.batch, args.budget_s)
     args.out.write_text(json.dumps(report, indent=1))
     return 0 if all(r["ok"] for r in report["correctness"]) else 1
 

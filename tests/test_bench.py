@@ -9,7 +9,8 @@ from rain_llm.cli import main
 
 def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--random", "tiny", "--prompts", "1", "--methods", "vanilla,rain,rain-no-reuse,rain-p2",
+    code = main(["bench", "--random", "tiny", "--prompts", "2", "--methods",
+                 "vanilla,rain,rain-no-reuse,rain-p2,rain-b2,vanilla-b2",
                  "--preset", "fast", "--max-new-tokens", "6", "--t-max", "4", "--fixed-budget",
                  "--max-rollout-tokens", "4", "--out", str(out)])
     assert code == 0
@@ -17,7 +18,11 @@ def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
     assert "x vanilla" in printed and "rain-p2" in printed
     data = json.loads(out.read_text())
     s = data["summary"]
-    assert set(s) == {"vanilla", "rain", "rain-no-reuse", "rain-p2"}
+    assert set(s) == {"vanilla", "rain", "rain-no-reuse", "rain-p2", "rain-b2", "vanilla-b2"}
+    assert s["rain-b2"]["batch"] == 2 and s["rain-b2"]["throughput_x_unbatched"] > 0
+    assert s["rain-b2"]["answer_tokens"] == s["rain"]["answer_tokens"]  # same prompts, same budget
+    assert s["rain-b2"]["forward_passes_per_token"] < s["rain"]["forward_passes_per_token"]
+    assert s["rain"]["throughput_x_unbatched"] is None
     assert s["vanilla"]["x_vanilla"] == 1.0
     assert s["rain-no-reuse"]["tokens_per_token"] > s["rain"]["tokens_per_token"]
     assert s["rain"]["lm_tokens_over_least_work"] >= 1.0  # never less than the least work

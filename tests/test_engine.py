@@ -215,3 +215,56 @@ def test_least_work_counts_each_distinct_position_once(tiny, tokenizer, ctx):
     assert d["least_work"]["tokens"] == len(ctx) + 2
     on.score_options(ctx, [[7, 8], [9]], [32, 33])
     assert on.counters.least.tokens == len(ctx) + 2 + 3
+
+
+def test_groups_of_different_contexts_decode_as_alone(tiny, tokenizer, ctx):
+    """Several contexts in one left-padded batch give each row the tokens and log-probabilities
+    it gets alone (same uniforms), and leave a prefix tree that is still exact."""
+    _, model = tiny
+    contexts = [ctx, ctx[:5], ctx + [17, 18, 19, 20, 21], [3, 9] + ctx[2:8]]
+    rows = [[Row(5, 1.0, 15, greedy=True), Row(5, 1.0, 15)], [Row(3, 2.0, 0)],
+            [Row(6, 1.0, 15), Row(2, 1.0, 15), Row(6, 1.0, 0, done=lambda t: len(t) >= 4)], [Row(4, 1.0, 15)]]
+    rng = np.random.default_rng(3)
+    uniforms = [rng.random((len(r), 6)) for r in rows]
+    eng = make(model, tokenizer)
+    eng.next_logits(ctx[:7])  # some contexts partly cached, one fully, others not at all
+    eng.next_logits(contexts[2])
+    batch = eng.decode_groups(list(zip(contexts, rows, uniforms)))
+    for c, rs, u, got in zip(contexts, rows, uniforms, batch):
+        alone = make(model, tokenizer).decode_rows(c, rs, u)
+        assert [s.tokens for s in got] == [s.tokens for s in alone]
+        assert [s.logprob for s in got] == pytest.approx([s.logprob for s in alone], abs=1e-4)
+        for s in got:  # what the batch stored in the prefix tree is exact
+            ids = c + s.tokens
+            assert np.abs(eng.next_logits(ids) - full_logits(model, ids)).max() < TOL
+
+
+def test_groups_charge_each_owner_its_rows(tiny, tokenizer, ctx):
+    from rain_llm.engine.base import Counters
+
+    _, model = tiny
+    eng = make(model, tokenizer)
+    a, b = Counters(), Counters()
+    eng.decode_groups([(ctx, [Row(3, 1.0, 0)] * 2, None), (ctx[:4], [Row(3, 1.0, 0)], None)], owners=[a, b])
+    total = eng.counters.total().tokens
+    assert a.total().tokens + b.total().tokens == total
+    assert a.total().tokens > b.total().tokens > 0
+    assert a.least.tokens == len(ctx) + 2 * 2 and b.least.tokens == 4 + 2
+
+
+def test_score_many_equals_score_options(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    eng.next_logits(ctx[:6])
+    requests = [(ctx, [[11, 12, 13, 14], [15, 16]], [32, 33]), (ctx[:4] + [50, 51], [[11, 12], [15]], [40, 41]),
+                (ctx * 2, [[7], [8, 9, 10]], [32, 33])]
+    got = eng.score_many(requests)
+    for (prefix, suffixes, options), probs in zip(requests, got):
+        alone = make(model, tokenizer).score_options(prefix, suffixes, options)
+        assert probs == pytest.approx(alone, rel=1e-3, abs=1e-7)
+    before = eng.counters.total()
+    again = eng.score_many(requests)  # prefixes cached now: one forward of the suffix rows
+    after = eng.counters.total()
+    assert after.forward_passes - before.forward_passes == 1
+    assert after.tokens - before.tokens == 6 * 4  # six rows right-padded to the longest suffix
+    assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(again, got))

@@ -185,3 +185,27 @@ def test_xstest_with_an_lm_judge(rain, tmp_path):
     r = read_records(out)[0]
     assert r.meta["label"] == "safe" and r.scores["over_refusal_lm"] in (0.0, 1.0)
     assert r.scores["unsafe_compliance_lm"] is None and "lm:refusal" in r.judges
+
+
+def test_batched_eval_gives_the_same_answers_and_resumes(rain, tmp_path):
+    """--batch 3: the prompts' searches run in lockstep; the answers equal the one-by-one run's,
+    every record says its batch, and a rerun over a partial file only adds what is missing."""
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=one, methods=["vanilla", "rain"], limit=3,
+                                            progress=False))
+    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=many, methods=["vanilla", "rain"], limit=2,
+                                            batch=3, progress=False))
+    result = run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=many, methods=["vanilla", "rain"], limit=3,
+                                                     batch=3, progress=False))
+    assert result["written"] == 2 and result["skipped"] == 4
+    a = {(r.id, r.method): r for r in read_records(one)}
+    b = {(r.id, r.method): r for r in read_records(many)}
+    assert a.keys() == b.keys() and len(b) == 6
+    assert all(b[k].response == a[k].response for k in a)
+    assert all(b[k].method_config.get("batch") == 2 for k in b if k[0] in {r.id for r in read_records(many)[:4]})
+    assert all(b[k].compute["total"]["tokens"] > 0 for k in b)
+
+
+def test_bad_batch_size(tmp_path):
+    with pytest.raises(Exception, match="invalid --batch"):
+        EvalSettings(task="hh", out=tmp_path / "x.jsonl", batch=0).validate()

@@ -312,3 +312,48 @@ def test_parallel_search_runs_the_same_budget():
     assert len(r.tokens) == 4
     assert r.stats.iterations_per_step[0] == 9  # rounds of 3 fill the step's budget exactly
     assert r.stats.rewinds == r.stats.iterations == sum(r.stats.iterations_per_step)
+
+
+def _lockstep_case(seed, budget):
+    env = FakeEnv(probs=(0.4, 0.3, 0.2, 0.1), value=lambda a: ((sum(a) * 7919 + seed) % 13) / 6.0 - 1.0,
+                  budget=budget, seed=seed)
+    return RainSearch(env, cfg(t_max=8, token_set_lengths=(1, 2)), trace=True)
+
+
+def _summary(r):
+    return r.tokens, r.stats.iterations_per_step, r.stats.similarity_updates, [st.tree for st in r.steps]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_lockstep_equals_each_search_alone(batched):
+    """B searches in lockstep (answers of different lengths, finishing at different times) give
+    each search exactly the tree it gets alone, whether or not the requests are batched."""
+    from rain_llm.search import run_lockstep
+
+    cases = [(1, 3), (2, 6), (3, 1), (4, 4)]
+    alone = [_summary(_lockstep_case(seed, budget).run()) for seed, budget in cases]
+    searches = [_lockstep_case(seed, budget) for seed, budget in cases]
+    calls = []
+
+    def expand_many(items):
+        calls.append(("expand", len(items)))
+        return [[env.expand(*job) for job in jobs] for env, jobs in items]
+
+    def value_many(items):
+        calls.append(("value", len(items)))
+        return [[env.value(a) for a in answers] for env, answers in items]
+
+    fns = (expand_many, value_many) if batched else (None, None)
+    together = [_summary(r) for r in run_lockstep(searches, *fns)]
+    assert together == alone
+    if batched:  # all four searches share the first calls; fewer once some have finished
+        assert calls[0] == ("expand", 4) and calls[1] == ("value", 4)
+        assert min(n for _, n in calls) < 4
+
+
+def test_lockstep_of_one_equals_run():
+    from rain_llm.search import run_lockstep
+
+    a = _summary(_lockstep_case(5, 5).run())
+    b = _summary(run_lockstep([_lockstep_case(5, 5)])[0])
+    assert a == b

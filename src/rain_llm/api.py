@@ -10,19 +10,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import RainConfig
 from .embedder import MiniLMEmbedder
+from .engine.base import Counters, Row
 from .engine.hf import HFEngine
-from .env import ModelEnv
+from .env import ModelEnv, embed_many, expand_many, value_many
 from .errors import RainError
 from .evaluators import SelfEvaluator, load_template
 from .models import load_model
 from .prompts import PromptFormat, chat_wrapper, has_chat_template, prompt_format
-from .search import ProgressFn, RainSearch
+from .search import ProgressFn, RainSearch, SearchResult, run_lockstep
 from .values import CallableValue, ValueSource, build_value_source
 
 
@@ -103,51 +105,111 @@ class Rain:
                  **overrides: Any) -> Generation:
         """Answer `prompt` with `config.method` ("rain" or "vanilla"); overrides change config keys.
         `value_fn` replaces what steers the search (default: `config.value`, the model's self-evaluation)."""
+        return self.generate_many([prompt], config, trace=trace, progress=progress, value_fn=value_fn,
+                                  **overrides)[0]
+
+    def generate_many(self, prompts: Sequence[str], config: RainConfig | None = None, *, trace: bool = False,
+                      progress: ProgressFn | None = None,
+                      value_fn: ValueSource | Callable[[str, str], float] | None = None,
+                      **overrides: Any) -> list[Generation]:
+        """Answer several prompts at once, same settings for all. RAIN runs their searches in
+        lockstep and batches each round's expansions and evaluations across prompts (one forward
+        per step for all of them); vanilla decodes them as one batch. Each answer's `stats`
+        carries its own share of the work (`compute`) and the batch size; one prompt = `generate`."""
         cfg = config or RainConfig()
         cfg = cfg.replace(**overrides) if overrides else cfg.validate()
-        fmt, context = self.prepare(prompt, cfg)
-        window = self.engine.context_window
+        if not isinstance(prompts, list | tuple) or not prompts:
+            raise RainError("no prompts: give at least one")
+        prepared = [self.prepare(p, cfg) for p in prompts]  # every prompt checked before any work
         engine = self.engine
         engine.reuse_cache = cfg.reuse_cache
         engine.seed(cfg.seed)
         engine.counters.reset()
+        batch = len(prompts)
+        owners = [Counters() for _ in prompts] if batch > 1 else None
         start = time.perf_counter()
         if cfg.method == "vanilla":
             engine.reset()
-            with engine.counters.phase("generate"):
-                tokens = engine.generate(context, cfg.max_new_tokens)
+            requests = [(context, [Row(cfg.max_new_tokens, 1.0, 0, greedy=True)], None) for _, context in prepared]
+            with ExitStack() as stack:
+                for counters in [engine.counters, *(owners or [])]:
+                    stack.enter_context(counters.phase("generate"))
+                rows = engine.decode_groups(requests, owners)
             seconds = time.perf_counter() - start
-            stats = {"committed_steps": len(tokens), "seconds": round(seconds, 3),
-                     "answer_tokens": len(tokens), "compute": engine.counters.to_dict()}
-            return Generation(fmt.clean(engine.decode(tokens)), tokens, "vanilla", stats, cfg.to_dict())
+            out = []
+            for i, ((fmt, _), (sample,)) in enumerate(zip(prepared, rows)):
+                tokens = sample.tokens
+                stats = {"committed_steps": len(tokens), "seconds": round(seconds, 3), "answer_tokens": len(tokens),
+                         "compute": (owners[i] if owners else engine.counters).to_dict()}
+                if owners:
+                    stats["batch"] = batch
+                    stats["batch_compute"] = engine.counters.to_dict()
+                out.append(Generation(fmt.clean(engine.decode(tokens)), tokens, "vanilla", stats, cfg.to_dict()))
+            return out
 
         source = self.value_source(cfg, value_fn)
-        evaluator = source.bind(prompt)
-        if isinstance(evaluator, SelfEvaluator) and evaluator.engine is engine:
-            eval_len = len(evaluator.prefix_ids("")) + max(len(s) for s in evaluator.suffix_ids)
-            if eval_len + cfg.max_new_tokens + cfg.max_rollout_tokens > window:
-                raise RainError(f"prompt too long: its self-evaluation prompt ({eval_len} tokens) plus the answer "
-                                f"budget exceeds the model's context window of {window}")
-            constant = evaluator.constant_ids()
+        evaluators = [source.bind(p) for p in prompts]
+        constant = self._check_evaluation(evaluators, cfg)
+        if constant is not None:
             engine.retain([constant])  # keep only the template's constant part from earlier prompts
-            if engine.reuse_cache and engine.prefix_cache.num_tokens() >= len(constant):
-                engine.counters.least.add(constant, count=False)  # cached already: no work this answer
+            cached = engine.reuse_cache and engine.prefix_cache.num_tokens() >= len(constant)
+            for counters in [engine.counters, *(owners or [])]:
+                if cached:
+                    counters.least.add(constant, count=False)  # cached already: no work this answer
         else:
             engine.reset()
         embedder = self.embedder
         embedder.counters.reset()
-        eval_engine = getattr(evaluator, "engine", None)
+        eval_engine = getattr(evaluators[0], "engine", None)
         if eval_engine is not None and eval_engine is not engine:  # a judge model: count its work too
             eval_engine.counters.reset()
-        env = ModelEnv(engine, evaluator, embedder, context, fmt, cfg)
-        search = RainSearch(env, cfg, trace=trace, progress=progress)
-        result = search.run()
+        envs = [ModelEnv(engine, ev, embedder, context, fmt, cfg, owner=owners[i] if owners else None)
+                for i, (ev, (fmt, context)) in enumerate(zip(evaluators, prepared))]
+        searches = [RainSearch(env, cfg, trace=trace, progress=progress if batch == 1 else None) for env in envs]
+        results = run_lockstep(searches, expand_many, value_many, embed_many) if batch > 1 else [searches[0].run()]
+        for env in envs:
+            env.close()
         seconds = time.perf_counter() - start
+        if owners:  # the whole batch's work, once (each answer's compute holds its own share)
+            whole = Counters()
+            for counters in (engine.counters, embedder.counters, eval_engine.counters if eval_engine not in
+                             (None, engine) else None):
+                if counters is not None:
+                    whole.merge(counters)
+            whole.least.tokens = sum(o.least.tokens for o in owners)
+        out = []
+        for i, (env, result, (fmt, _)) in enumerate(zip(envs, results, prepared)):
+            if owners:
+                compute = owners[i]
+            else:
+                compute = engine.counters
+                compute.merge(embedder.counters)
+                if eval_engine is not None and eval_engine is not engine:
+                    compute.merge(eval_engine.counters)
+            gen = self._rain_generation(env, result, fmt, cfg, compute, seconds if batch == 1 else result.seconds,
+                                        trace, batch)
+            if owners:
+                gen.stats["batch_compute"] = whole.to_dict()
+            out.append(gen)
+        return out
+
+    def _check_evaluation(self, evaluators: list[Any], cfg: RainConfig) -> list[int] | None:
+        """Context-window check of the self-evaluation prompts; the template's constant ids when
+        the policy model evaluates itself (kept cached across prompts), else None."""
+        constant = None
+        for evaluator in evaluators:
+            if isinstance(evaluator, SelfEvaluator) and evaluator.engine is self.engine:
+                eval_len = len(evaluator.prefix_ids("")) + max(len(s) for s in evaluator.suffix_ids)
+                if eval_len + cfg.max_new_tokens + cfg.max_rollout_tokens > self.engine.context_window:
+                    raise RainError(f"prompt too long: its self-evaluation prompt ({eval_len} tokens) plus the "
+                                    f"answer budget exceeds the model's context window of {self.engine.context_window}")
+                constant = evaluator.constant_ids()
+        return constant
+
+    def _rain_generation(self, env: ModelEnv, result: SearchResult, fmt: PromptFormat, cfg: RainConfig,
+                         compute: Counters, seconds: float, trace: bool, batch: int) -> Generation:
+        engine = self.engine
         tokens = list(result.tokens)
-        compute = engine.counters
-        compute.merge(embedder.counters)
-        if eval_engine is not None and eval_engine is not engine:
-            compute.merge(eval_engine.counters)
         s = result.stats
         stats = {
             "committed_steps": s.steps,
@@ -164,6 +226,8 @@ class Rain:
             "seconds": round(seconds, 3),
             "compute": compute.to_dict(),
         }
+        if batch > 1:
+            stats["batch"] = batch
         steps = None
         if trace:
             steps = [{"step": i, "iterations": r.iterations, "visits_before": r.visits_before,

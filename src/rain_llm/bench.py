@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -44,14 +45,17 @@ def bench_prompts(n: int) -> list[str]:
     return (FALLBACK_PROMPTS * (n // len(FALLBACK_PROMPTS) + 1))[:n]
 
 
-def random_rain(shape: str, device: str) -> Rain:
-    """A random-weight Llama of the given shape with the default model's tokenizer (and a random MiniLM)."""
+def random_rain(shape: str, device: str, tokenizer: str | Path | None = None,
+                embedder: str | Path | None = None) -> Rain:
+    """A random-weight Llama of the given shape with a real tokenizer (a folder, default: the bundled
+    model's) and a random-weight MiniLM (config and tokenizer from `embedder`, default: the package's)."""
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from .embedder import MiniLMEmbedder, minilm_path
     from .models import converted_folder, default_gguf
 
-    tok = AutoTokenizer.from_pretrained(converted_folder(default_gguf()))
+    tok = AutoTokenizer.from_pretrained(tokenizer or converted_folder(default_gguf()))
+    minilm = Path(embedder) if embedder else minilm_path()
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8192, **RANDOM_SHAPES[shape])
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
@@ -60,10 +64,10 @@ def random_rain(shape: str, device: str) -> Rain:
     try:
         with torch.device(device):
             model = LlamaForCausalLM(cfg).eval()
-            bert = BertModel(BertConfig.from_pretrained(minilm_path())).eval()
+            bert = BertModel(BertConfig.from_pretrained(minilm)).eval()
     finally:
         torch.set_default_dtype(previous)
-    rain = Rain(model, tok, embedder=MiniLMEmbedder(bert, AutoTokenizer.from_pretrained(minilm_path())),
+    rain = Rain(model, tok, embedder=MiniLMEmbedder(bert, AutoTokenizer.from_pretrained(minilm)),
                 name=f"random-{shape}")
     rain.engine.stop_ids = frozenset()  # random weights: decode the whole budget every time
     return rain
@@ -71,33 +75,42 @@ def random_rain(shape: str, device: str) -> Rain:
 
 def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str, dict[str, Any]],
               log: Any = sys.stderr) -> dict[str, Any]:
-    """Each method on each prompt (after one warm-up answer per method); a summary per method."""
+    """Each method on each prompt (after one warm-up per method); a summary per method. A method
+    with "batch": B answers the prompts B at a time (`generate_many`: searches in lockstep)."""
     for kw in methods.values():
-        rain.generate(prompts[0], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
+        kw = dict(kw)
+        batch = kw.pop("batch", 1)
+        rain.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    for i, prompt in enumerate(prompts):
-        for name, kw in methods.items():
+    for name, kw in methods.items():
+        kw = dict(kw)
+        batch = kw.pop("batch", 1)
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            out = rain.generate(prompt, cfg, **kw)
+            outs = rain.generate_many(chunk, cfg, **kw)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            compute = out.stats["compute"]
+            compute = outs[0].stats.get("batch_compute", outs[0].stats["compute"])
             embed = compute.get("embed", {}).get("tokens", 0)
-            runs[name].append({"prompt": prompt, "answer_tokens": len(out.token_ids), "seconds": seconds,
+            answer_tokens = sum(len(o.token_ids) for o in outs)
+            runs[name].append({"prompts": chunk, "answer_tokens": answer_tokens, "seconds": seconds,
                                "forward_passes": compute["total"]["forward_passes"],
                                "tokens": compute["total"]["tokens"], "lm_tokens": compute["total"]["tokens"] - embed,
-                               "least_work": compute.get("least_work", {}).get("tokens", 0),
-                               "iterations_per_step": out.stats.get("iterations_per_step", []),
-                               "compute": compute, "text": out.text})
-            print(f"[{i + 1}/{len(prompts)}] {name:14s} {len(out.token_ids):4d} tokens {seconds:8.2f}s "
-                  f"{compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
-    return {"runs": runs, "summary": summarise(runs)}
+                               "least_work": sum(o.stats["compute"].get("least_work", {}).get("tokens", 0)
+                                                 for o in outs),
+                               "iterations_per_step": [x for o in outs for x in o.stats.get("iterations_per_step", [])],
+                               "compute": compute, "texts": [o.text for o in outs]})
+            print(f"[{name}] prompts {i + 1}-{i + len(chunk)} of {len(prompts)}: {answer_tokens:4d} tokens "
+                  f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
+    return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()})}
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+def summarise(runs: dict[str, list[dict[str, Any]]],
+              batches: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, recs in runs.items():
         answer = sum(r["answer_tokens"] for r in recs) or 1
@@ -121,19 +134,29 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "phases": phases,
         }
     base = out.get("vanilla")
-    for s in out.values():
+    for name, s in out.items():
         s["x_vanilla"] = s["seconds_per_token"] / base["seconds_per_token"] if base else None
+        batch = (batches or {}).get(name, 1)
+        s["batch"] = batch
+        single = out.get(unbatched_name(name)) if batch > 1 else None  # the same method one prompt at a time
+        s["throughput_x_unbatched"] = single["seconds_per_token"] / s["seconds_per_token"] if single else None
     return out
+
+
+def unbatched_name(name: str) -> str:
+    """"rain-p4-b16" -> "rain-p4": the method a batched one is compared with."""
+    return re.sub(r"-b[0-9]+$", "", name)
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'method':16s} {'s/token':>9s} {'x vanilla':>9s} {'fwd/token':>10s} {'tok/token':>10s} "
-             f"{'iter/step':>9s} {'LM tok/least':>12s}"]
+             f"{'iter/step':>9s} {'LM tok/least':>12s} {'thru x B=1':>10s}"]
     for name, s in summary.items():
         least = s["lm_tokens_over_least_work"]
         lines.append(f"{name:16s} {s['seconds_per_token']:9.4f} {s['x_vanilla'] or 0:9.2f} "
                      f"{s['forward_passes_per_token']:10.1f} {s['tokens_per_token']:10.1f} "
-                     f"{s['iterations_per_step'] or 0:9.1f} {least if least is not None else float('nan'):12.2f}")
+                     f"{s['iterations_per_step'] or 0:9.1f} {least if least is not None else float('nan'):12.2f} "
+                     f"{s.get('throughput_x_unbatched') or float('nan'):10.2f}")
     lines.append("per phase (forward passes / tokens / seconds):")
     for name, s in summary.items():
         parts = [f"{p} {c['forward_passes']}/{c['tokens']}/{c['seconds']:.2f}" for p, c in sorted(s["phases"].items())]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import fields
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--variant", default=None, help="advbench suffixes: none, smoothllm, jbb-vicuna, jbb-llama2")
     ev.add_argument("--limit", type=int, default=None, help="first N prompts (of this shard)")
     ev.add_argument("--shard", default=None, help="i/n: the i-th of n disjoint shards (0-based)")
+    ev.add_argument("--batch", type=int, default=1, help="prompts answered at once: RAIN searches run in lockstep "
+                    "with their model calls batched across prompts (vanilla: one batch)")
     ev.add_argument("--best-of-n", default="4", help="samples for best-of-n, or 'match' to match RAIN's compute")
     ev.add_argument("--judge-model", default=None, help="local model as LM judge ('policy': the model itself)")
     ev.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint as LM judge (base URL)")
@@ -92,9 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="model to load (default: the bundled SmolLM2-135M-Instruct)")
     bench.add_argument("--random", default=None, choices=["tiny", "llama3-8b"],
                        help="instead of --model: random weights of this shape (bf16 on a GPU)")
+    bench.add_argument("--tokenizer", default=None, help="with --random: tokenizer folder (default: the "
+                       "bundled model's; elsewhere e.g. ASSETS/lm from benchmarks/gpu_check.py --make-assets)")
+    bench.add_argument("--embedder", default=None, help="with --random: MiniLM config + tokenizer folder "
+                       "(e.g. ASSETS/minilm)")
     bench.add_argument("--prompts", type=int, default=3, help="number of HH first-turn prompts")
     bench.add_argument("--methods", default="vanilla,rain,rain-no-reuse",
-                       help="comma-separated: vanilla, rain, rain-no-reuse, rain-pN (N parallel leaves)")
+                       help="comma-separated: vanilla, rain, rain-no-reuse, rain-pN (N parallel leaves); "
+                       "-bN after any (e.g. rain-b16): N prompts at once, in lockstep")
     bench.add_argument("--fixed-budget", action="store_true",
                        help="no early stop (value_threshold 2, fresh_iterations 0): every step runs t_max iterations")
     bench.add_argument("--out", default=None, help="write JSON here")
@@ -205,7 +213,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
                             source=args.data, variant=args.variant, limit=args.limit,
                             shard=parse_shard(args.shard) if args.shard else None, best_of_n=args.best_of_n,
                             judge_model=args.judge_model, judge_url=args.judge_url, judge_name=args.judge_name,
-                            judge_key_env=args.judge_key_env, progress=not args.quiet).validate()
+                            judge_key_env=args.judge_key_env, progress=not args.quiet,
+                            batch=args.batch).validate()
     if args.limit is not None and args.limit < 1:
         raise RainError(f"invalid --limit {args.limit}: must be at least 1")
     from .api import Rain
@@ -229,19 +238,24 @@ def run_bench_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, **overrides)
     methods: dict[str, dict[str, Any]] = {}
     for m in [m for m in args.methods.split(",") if m]:
-        if m == "vanilla":
-            methods[m] = {"method": "vanilla"}
-        elif m == "rain":
-            methods[m] = {}
-        elif m == "rain-no-reuse":
-            methods[m] = {"reuse_cache": False}
-        elif m.startswith("rain-p") and m[6:].isdigit() and int(m[6:]) >= 1:
-            methods[m] = {"parallel_leaves": int(m[6:])}
+        base, batch = m, 1
+        if (found := re.fullmatch(r"(.+)-b([0-9]+)", m)) and int(found.group(2)) >= 1:
+            base, batch = found.group(1), int(found.group(2))
+        if base == "vanilla":
+            kw: dict[str, Any] = {"method": "vanilla"}
+        elif base == "rain":
+            kw = {}
+        elif base == "rain-no-reuse":
+            kw = {"reuse_cache": False}
+        elif base.startswith("rain-p") and base[6:].isdigit() and int(base[6:]) >= 1:
+            kw = {"parallel_leaves": int(base[6:])}
         else:
-            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN)")
+            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN; "
+                            "-bN after any: N prompts at once)")
+        methods[m] = kw | ({"batch": batch} if batch > 1 else {})
     if args.prompts < 1:
         raise RainError(f"invalid --prompts {args.prompts}: must be at least 1")
-    rain = random_rain(args.random, pick_device(args.device)) if args.random else \
+    rain = random_rain(args.random, pick_device(args.device), args.tokenizer, args.embedder) if args.random else \
         Rain.load(args.model, device=args.device, dtype=args.dtype)
     result = run_bench(rain, cfg, bench_prompts(args.prompts), methods)
     print(table(result["summary"]))

@@ -8,35 +8,59 @@ expand (candidate token sets), simulate (rollout to the next punctuation mark), 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import numpy as np
 
 from .config import RainConfig
 from .embedder import MiniLMEmbedder
-from .engine.base import Engine, Row, Sample
+from .engine.base import Counters, Engine, Row, Sample
 from .prompts import PromptFormat
 from .search import Tokens
 from .values import Evaluator
 
 
 class ModelEnv:
+    """`owner`: this answer's own counters, when several answers share the engine (lockstep);
+    the engine's counters then hold the whole batch's work."""
+
     def __init__(self, engine: Engine, evaluator: Evaluator, embedder: MiniLMEmbedder,
-                 context: list[int], fmt: PromptFormat, config: RainConfig):
+                 context: list[int], fmt: PromptFormat, config: RainConfig, owner: Counters | None = None):
         self.engine = engine
         self.evaluator = evaluator
         self.embedder = embedder
         self.context = context
         self.fmt = fmt
         self.cfg = config
+        self.owner = owner
         self.values: dict[Tokens, float] = {}  # official: values cached by text (dic)
+        # this answer's own random stream: its samples do not depend on which answers share a batch
+        self.rng = np.random.default_rng(config.seed)
         self.started = time.perf_counter()
         self.value_cache_hits = 0
         self.eval_engine = getattr(evaluator, "engine", None)  # None: the value needs no model of ours
-        with engine.counters.phase("prefill"):  # the prompt and the evaluation prompt, once
+        with self.phase("prefill"):  # the prompt and the evaluation prompt, once
             engine.next_logits(context)
             for ids in evaluator.retain("") if self.eval_engine is not None else []:
                 self.eval_engine.next_logits(ids)
+        self.on_commit(())  # claim this prompt's cache entries among other answers sharing the engine
+
+    @contextmanager
+    def phase(self, name: str, *engines: Any) -> Iterator[None]:
+        """Count work under `name` in the engines' counters and, in a batch of answers, charge
+        it to this answer too."""
+        engines = engines or tuple({id(e): e for e in (self.engine, self.eval_engine) if e is not None}.values())
+        with ExitStack() as stack:
+            for engine in engines:
+                stack.enter_context(engine.counters.phase(name))
+            if self.owner is not None:
+                stack.enter_context(self.owner.phase(name))
+                for engine in engines:
+                    stack.callback(setattr, engine, "charge_to", getattr(engine, "charge_to", None))
+                    engine.charge_to = self.owner
+            yield
 
     def text(self, answer: Sequence[int]) -> str:
         return self.fmt.clean(self.engine.decode(answer))
@@ -53,24 +77,29 @@ class ModelEnv:
         cfg = self.cfg
         rows = [Row(length, cfg.temperature, cfg.top_k, greedy=True)]
         rows += [Row(length, cfg.temperature, cfg.top_k) for _ in range(attempts)]
-        with self.engine.counters.phase("expand"):
-            samples = self.engine.decode_rows(self.context + list(answer), rows + [rollout_row])
+        rows.append(rollout_row)
+        with self.phase("expand"):
+            samples = self.engine.decode_rows(self.context + list(answer), rows, self.uniforms(rows))
         return self._candidates(samples[:-1], n), tuple(samples[-1].tokens)
 
     def propose(self, answer: Tokens, length: int, n: int, attempts: int) -> list[tuple[Tokens, float]]:
         cfg = self.cfg
         length = self._clip(answer, length)
         ctx = self.context + list(answer)
-        with self.engine.counters.phase("expand"):
+        with self.phase("expand"):
             if length == 1:  # official: the top-k tokens with their probabilities (no sampling)
                 logits = self.engine.next_logits(ctx).astype(np.float64) / cfg.temperature
                 top = np.argsort(-logits, kind="stable")[:n]
                 p = np.exp(logits[top] - logits[top].max())
                 p /= p.sum()
                 return [((int(t),), float(pt)) for t, pt in zip(top, p)]
-            samples = self.engine.sample(ctx, 1 + attempts, length, temperature=cfg.temperature,
-                                         top_k=cfg.top_k, greedy_first=True)
+            rows = [Row(length, cfg.temperature, cfg.top_k, greedy=i == 0) for i in range(1 + attempts)]
+            samples = self.engine.decode_rows(ctx, rows, self.uniforms(rows))
         return self._candidates(samples, n)
+
+    def uniforms(self, rows: Sequence[Row]) -> np.ndarray:
+        """Uniforms for the rows' inverse-CDF sampling, from this answer's stream."""
+        return self.rng.random((len(rows), max(r.max_tokens for r in rows)))
 
     def _clip(self, answer: Tokens, length: int) -> int:
         return max(1, min(length, self.cfg.max_new_tokens - len(answer)))
@@ -104,8 +133,8 @@ class ModelEnv:
         row = self._rollout_row(answer)
         if row is None:
             return ()
-        with self.engine.counters.phase("simulate"):
-            return tuple(self.engine.decode_rows(self.context + list(answer), [row])[0].tokens)
+        with self.phase("simulate"):
+            return tuple(self.engine.decode_rows(self.context + list(answer), [row], self.uniforms([row]))[0].tokens)
 
     def _ends_clause(self, text: str) -> bool:
         return (bool(text) and text[-1] in self.cfg.rollout_stop_chars) or self.fmt.ended(text)
@@ -114,15 +143,24 @@ class ModelEnv:
         if answer in self.values:
             self.value_cache_hits += 1
             return self.values[answer]
-        counters = (self.eval_engine or self.engine).counters
-        with counters.phase("evaluate"):
+        with self.phase("evaluate"):
             v = self.evaluator.value(self.text(answer))
         self.values[answer] = v
         return v
 
     def embed(self, spans: Sequence[Tokens]) -> np.ndarray:
-        with self.embedder.counters.phase("embed"):
-            return self.embedder.embed([self.engine.decode(s) for s in spans])
+        counters = self.embedder.counters
+        before = counters.phases.get("embed")
+        passes, tokens = (before.forward_passes, before.tokens) if before else (0, 0)
+        with counters.phase("embed"):
+            out = self.embedder.embed([self.engine.decode(s) for s in spans])
+        if self.owner is not None:  # the embedder is not shared within a call: charge the difference
+            after = counters.phases["embed"]
+            with self.owner.phase("embed"):
+                mine = self.owner.phases.setdefault("embed", type(after)())
+                mine.forward_passes += after.forward_passes - passes
+                mine.tokens += after.tokens - tokens
+        return out
 
     def is_terminal(self, answer: Tokens) -> bool:
         if len(answer) >= self.cfg.max_new_tokens:
@@ -141,15 +179,139 @@ class ModelEnv:
         return bool(cfg.max_search_seconds) and time.perf_counter() - self.started >= cfg.max_search_seconds
 
     def complete(self, answer: Tokens) -> Tokens:
-        with self.engine.counters.phase("generate"):
+        with self.phase("generate", self.engine):
             return tuple(self.engine.generate(self.context + list(answer), self.cfg.max_new_tokens - len(answer)))
 
     def on_commit(self, answer: Tokens) -> None:
         """Free cached KV that no longer extends the committed answer (bounded memory)."""
         keep = self.evaluator.retain(self.text(answer))
         if self.eval_engine is self.engine:
-            self.engine.retain([self.context + list(answer), *keep])
+            self.engine.retain([self.context + list(answer), *keep], owner=self)
         else:
-            self.engine.retain([self.context + list(answer)])
+            self.engine.retain([self.context + list(answer)], owner=self)
             if self.eval_engine is not None:
-                self.eval_engine.retain(keep)
+                self.eval_engine.retain(keep, owner=self)
+
+    def close(self) -> None:
+        """The answer is done: its cache entries may go once another answer commits."""
+        for engine in {id(e): e for e in (self.engine, self.eval_engine) if e is not None}.values():
+            engine.release(self)
+
+    # ------------------------------------------------------------------ batches of leaves / answers
+    def expand_batch(self, jobs: list[tuple[Tokens, int, int, int]]) -> list[tuple[list[tuple[Tokens, float]], Tokens]]:
+        return expand_many([(self, jobs)])[0]
+
+    def value_batch(self, answers: list[Tokens]) -> list[float]:
+        return value_many([(self, answers)])[0]
+
+
+Job = tuple[Tokens, int, int, int]  # (answer, token-set length, n candidates, sample attempts)
+
+
+def expand_many(items: list[tuple[ModelEnv, list[Job]]]) -> list[list[tuple[list[tuple[Tokens, float]], Tokens]]]:
+    """Expand many leaves (of one search or of several sharing an engine) as one decode batch:
+    each leaf's candidate rows and its rollout row. Results in the order of `items` and jobs."""
+    requests, owners, plan = [], [], []
+    for env, jobs in items:
+        for answer, length, n, attempts in jobs:
+            length = env._clip(answer, length)
+            rows = []
+            if length > 1:
+                rows += [Row(length, env.cfg.temperature, env.cfg.top_k, greedy=True)]
+                rows += [Row(length, env.cfg.temperature, env.cfg.top_k) for _ in range(attempts)]
+            rollout_row = env._rollout_row(answer)
+            if rollout_row is not None:
+                rows.append(rollout_row)
+            plan.append((env, answer, length, n, attempts, len(rows), rollout_row is not None))
+            if rows:
+                requests.append((env.context + list(answer), rows, env.uniforms(rows)))
+                owners.append(env.owner)
+    engines = {id(env.engine) for env, _ in items}
+    if len(engines) > 1 or not requests:  # different models cannot share a batch
+        return [[env.expand(*job) for job in jobs] for env, jobs in items]
+    engine = items[0][0].engine
+    with _batch_phase([env for env, _ in items], engine, "expand"):
+        samples = engine.decode_groups(requests, owners if any(o is not None for o in owners) else None)
+    out: list[list[tuple[list[tuple[Tokens, float]], Tokens]]] = [[] for _ in items]
+    it = iter(samples)
+    k = 0
+    for i, (env, jobs) in enumerate(items):
+        for _ in jobs:
+            env_, answer, length, n, attempts, nrows, has_rollout = plan[k]
+            k += 1
+            rows = next(it) if nrows else []
+            rollout = tuple(rows[-1].tokens) if has_rollout else ()
+            if length > 1:
+                candidates = env._candidates(rows[:len(rows) - int(has_rollout)], n)
+            else:  # top-k of the cached next-token logits
+                candidates = env.propose(answer, 1, n, attempts)
+            out[i].append((candidates, rollout))
+    return out
+
+
+def embed_many(items: list[tuple[ModelEnv, list[Tokens]]]) -> list[np.ndarray]:
+    """Sentence embeddings of many spans (of several searches sharing an embedder) as one batch;
+    each answer is charged its rows of the padded batch."""
+    embedder = items[0][0].embedder
+    if any(env.embedder is not embedder for env, _ in items):
+        return [env.embed(spans) for env, spans in items]
+    texts = [env.engine.decode(span) for env, spans in items for span in spans]
+    counters = embedder.counters
+    before = counters.phases.get("embed")
+    tokens_before = before.tokens if before else 0
+    with _batch_phase([env for env, _ in items], embedder, "embed"):
+        vectors = embedder.embed(texts)
+    width = (counters.phases["embed"].tokens - tokens_before) // max(len(texts), 1)
+    out, start = [], 0
+    for env, spans in items:
+        out.append(vectors[start:start + len(spans)])
+        start += len(spans)
+        if env.owner is not None:
+            mine = env.owner.phases.setdefault("embed", type(counters.phases["embed"])())
+            mine.forward_passes += 1
+            mine.tokens += len(spans) * width
+    return out
+
+
+@contextmanager
+def _batch_phase(envs: list[ModelEnv], engine: Any, name: str) -> Iterator[None]:
+    """One batched call: the engine counts it once; each answer's own counters see its duration
+    (its rows' work is charged to it by the engine)."""
+    with ExitStack() as stack:
+        stack.enter_context(engine.counters.phase(name))
+        for owner in {id(e.owner): e.owner for e in envs if e.owner is not None}.values():
+            stack.enter_context(owner.phase(name))
+        yield
+
+
+def value_many(items: list[tuple[ModelEnv, list[Tokens]]]) -> list[list[float]]:
+    """Values of many answers (of one search or several) with one scoring batch per evaluation
+    engine; cached values and evaluators without a batch form are computed as usual."""
+    out = [[0.0] * len(answers) for _, answers in items]
+    batches: dict[int, list[tuple[int, int, ModelEnv, Tokens, tuple]]] = {}
+    for i, (env, answers) in enumerate(items):
+        request = getattr(env.evaluator, "request", None)
+        for j, answer in enumerate(answers):
+            if answer in env.values:
+                env.value_cache_hits += 1
+                out[i][j] = env.values[answer]
+            elif request is None or env.eval_engine is None:
+                out[i][j] = env.value(answer)
+            else:
+                batches.setdefault(id(env.eval_engine), []).append((i, j, env, answer, request(env.text(answer))))
+    for batch in batches.values():
+        engine = batch[0][2].eval_engine
+        unique: dict[tuple[int, Tokens], int] = {}  # the same answer twice in a round: score it once
+        requests, owners = [], []
+        for _, _, env, answer, req in batch:
+            if (id(env), answer) not in unique:
+                unique[(id(env), answer)] = len(requests)
+                requests.append(req)
+                owners.append(env.owner)
+        with _batch_phase([env for _, _, env, _, _ in batch], engine, "evaluate"):
+            probs = engine.score_many(requests, owners if any(o is not None for o in owners) else None)
+        for i, j, env, answer, _ in batch:
+            v = env.evaluator.value_from(probs[unique[(id(env), answer)]])
+            env.values[answer] = v
+            out[i][j] = v
+    return out

@@ -55,6 +55,7 @@ class EvalSettings:
     judge_name: str | None = None
     judge_key_env: str = "OPENAI_API_KEY"
     progress: bool = True
+    batch: int = 1  # prompts answered at once (RAIN searches in lockstep, their model calls batched)
 
     def validate(self) -> EvalSettings:
         if self.task not in TASKS:
@@ -66,6 +67,8 @@ class EvalSettings:
             raise RainError(f"invalid --best-of-n {self.best_of_n!r}: a positive integer or 'match'")
         if self.best_of_n == "match" and "best-of-n" in self.methods and "rain" not in self.methods:
             raise RainError("--best-of-n match needs the rain method in the same run (its compute is matched)")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise RainError(f"invalid --batch {self.batch!r}: a positive integer")
         if self.judge_url and not self.judge_name:
             raise RainError("--judge-url needs --judge-name (the model name the endpoint serves)")
         return self
@@ -266,45 +269,66 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     bar = tqdm(total=len(todo), disable=not settings.progress, unit="answer", file=sys.stderr,
                desc=f"{task} ({len(examples)} prompts, {len(done)} done before)")
     written = 0
-    for ex, method in todo:
-        start = time.perf_counter()
-        prompt = task_prompt(task, ex)
-        meta = dict(ex.meta)
-        method_config: dict[str, Any] = {}
-        if task == "selfeval":
-            rain.engine.counters.reset()  # this pair's work only
-            scores, idents = selfeval_record(rain, ex, cfg)
-            meta |= scores.pop("_meta")  # type: ignore[arg-type]
-            response, gen_stats = "", {"answer_tokens": 0, "compute": rain.engine.counters.to_dict()}
-        else:
-            if method == "vanilla":
-                gen = rain.generate(prompt, cfg, method="vanilla")
-            elif method == "rain":
-                gen = rain.generate(prompt, cfg)
-            else:
-                n = match_samples(spent["rain"].get(str(ex.id)), spent["vanilla"].get(str(ex.id))) \
-                    if settings.best_of_n == "match" else int(settings.best_of_n)
-                method_config["samples"] = n
-                gen = best_of_n(rain, prompt, cfg, n)
-            if method in spent:
-                spent[method][str(ex.id)] = gen.stats["compute"].get("total", {}).get("tokens", 0)
-            response, gen_stats = gen.text, gen.stats
-            assert judging is not None
-            scores, idents = judging.score(ex, response)
-            answers.setdefault(str(ex.id), {})[method] = response
-            baseline = answers[str(ex.id)].get("vanilla")
-            if method != "vanilla" and baseline is not None:
-                won, won_ids = judging.versus(ex, response, baseline, cfg.seed)
-                scores |= won
-                idents |= won_ids
-        record = Record(task=task, id=str(ex.id), method=method, prompt=prompt, response=response, scores=scores,
-                        judges=idents, model=rain.name, seed=cfg.seed, seconds=round(time.perf_counter() - start, 3),
-                        answer_tokens=gen_stats.get("answer_tokens", 0), compute=gen_stats.get("compute", {}),
-                        method_config=method_config | ({"config": cfg.to_dict()} if method != "vanilla" else {}),
-                        meta=meta)
-        append(settings.out, record)
-        written += 1
-        bar.update(1)
+    by_id = {str(ex.id): ex for ex, _ in todo}
+    pending_ids = list(by_id)
+    batch = max(1, settings.batch)
+    for w in range(0, len(pending_ids), batch):  # windows of `batch` prompts; methods in the order given
+        window = set(pending_ids[w:w + batch])
+        for method in methods:
+            items = [ex for ex, m in todo if m == method and str(ex.id) in window]
+            if not items:
+                continue
+            batched = None
+            if batch > 1 and len(items) > 1 and method in ("vanilla", "rain"):
+                start = time.perf_counter()
+                gens = rain.generate_many([task_prompt(task, ex) for ex in items], cfg, method=method)
+                batched = dict(zip((str(ex.id) for ex in items), gens))
+                per_answer = (time.perf_counter() - start) / len(items)
+            for ex in items:
+                start = time.perf_counter()
+                prompt = task_prompt(task, ex)
+                meta = dict(ex.meta)
+                method_config: dict[str, Any] = {}
+                if task == "selfeval":
+                    rain.engine.counters.reset()  # this pair's work only
+                    scores, idents = selfeval_record(rain, ex, cfg)
+                    meta |= scores.pop("_meta")  # type: ignore[arg-type]
+                    response, gen_stats = "", {"answer_tokens": 0, "compute": rain.engine.counters.to_dict()}
+                else:
+                    if batched is not None:
+                        gen = batched[str(ex.id)]
+                        method_config["batch"] = len(items)
+                    elif method == "vanilla":
+                        gen = rain.generate(prompt, cfg, method="vanilla")
+                    elif method == "rain":
+                        gen = rain.generate(prompt, cfg)
+                    else:
+                        n = match_samples(spent["rain"].get(str(ex.id)), spent["vanilla"].get(str(ex.id))) \
+                            if settings.best_of_n == "match" else int(settings.best_of_n)
+                        method_config["samples"] = n
+                        gen = best_of_n(rain, prompt, cfg, n)
+                    if method in spent:
+                        spent[method][str(ex.id)] = gen.stats["compute"].get("total", {}).get("tokens", 0)
+                    response, gen_stats = gen.text, gen.stats
+                    assert judging is not None
+                    scores, idents = judging.score(ex, response)
+                    answers.setdefault(str(ex.id), {})[method] = response
+                    baseline = answers[str(ex.id)].get("vanilla")
+                    if method != "vanilla" and baseline is not None:
+                        won, won_ids = judging.versus(ex, response, baseline, cfg.seed)
+                        scores |= won
+                        idents |= won_ids
+                seconds = time.perf_counter() - start + (per_answer if batched is not None else 0.0)
+                if method != "vanilla":
+                    method_config["config"] = cfg.to_dict()
+                record = Record(task=task, id=str(ex.id), method=method, prompt=prompt, response=response,
+                                scores=scores, judges=idents, model=rain.name, seed=cfg.seed,
+                                seconds=round(seconds, 3), answer_tokens=gen_stats.get("answer_tokens", 0),
+                                compute=gen_stats.get("compute", {}),
+                                method_config=method_config, meta=meta)
+                append(settings.out, record)
+                written += 1
+                bar.update(1)
     bar.close()
     return {"task": task, "out": str(settings.out), "examples": len(examples), "written": written,
             "skipped": len(examples) * len(methods) - len(todo)}

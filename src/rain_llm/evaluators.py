@@ -128,7 +128,13 @@ class SelfEvaluator:
         return self.engine.score_options(self.prefix_ids(response), self.suffix_ids, self.option_ids)
 
     def value(self, response: str) -> float:
-        p = self.probabilities(response)
+        return self.value_from(self.probabilities(response))
+
+    def request(self, response: str) -> tuple[list[int], list[list[int]], tuple[int, int]]:
+        """What `engine.score_many` needs to score `response` (batched with other answers)."""
+        return self.prefix_ids(response), self.suffix_ids, self.option_ids
+
+    def value_from(self, p: np.ndarray) -> float:
         return value_from_probabilities(p, self.mode)
 
     def retain(self, response: str) -> list[list[int]]:

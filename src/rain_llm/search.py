@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +27,8 @@ import numpy as np
 from .config import RainConfig, token_set_length
 
 Tokens = tuple[int, ...]
+Job = tuple[Tokens, int, int, int]  # expand: (answer, token-set length, candidates, sample attempts)
+Request = tuple[str, list]  # ("expand", [Job, ...]), ("value", [answer, ...]) or ("embed", [span, ...])
 
 
 class SearchEnv(Protocol):
@@ -150,6 +152,12 @@ class RainSearch:
 
     # ------------------------------------------------------------------ outer loop
     def run(self) -> SearchResult:
+        return _drive(self, self.steps())
+
+    def steps(self) -> Generator[Request, Any, SearchResult]:
+        """The search as a generator of model requests ("expand", jobs), ("value", answers) and
+        ("embed", spans):
+        `run` answers them one search at a time, `run_lockstep` batches them across searches."""
         start = time.perf_counter()
         steps: list[StepRecord] = []
         while not self.env.is_terminal(self.answer):
@@ -162,7 +170,7 @@ class RainSearch:
             while visits_before + done < end:
                 if done > 0 and self.env.over_budget():
                     break
-                done += self.iterate(max_leaves=end - visits_before - done)
+                done += yield from self.round(max_leaves=end - visits_before - done)
                 self._report(done, end - visits_before)
                 best = self.best_child(self.root)
                 if best is not None and best.visits > self.cfg.t_min and best.q > self.cfg.value_threshold:
@@ -208,6 +216,10 @@ class RainSearch:
 
     # ------------------------------------------------------------------ inner loop
     def iterate(self, max_leaves: int | None = None) -> int:
+        """One round (see `round`), its model requests answered by this search's env."""
+        return _drive(self, self.round(max_leaves))
+
+    def round(self, max_leaves: int | None = None) -> Generator[Request, Any, int]:
         """One round: select P leaves (P = parallel_leaves; virtual loss keeps them apart), expand
         them with their rollouts, evaluate, rewind each. P = 1 is the paper's sequential loop:
         select -> expand (with the rollout) -> evaluate -> rewind. Returns the leaves done."""
@@ -223,15 +235,21 @@ class RainSearch:
         open_leaves = [(node, answer) for node, answer in leaves if not self.env.is_terminal(answer)]
         jobs = [(answer, token_set_length(self.cfg, node.depth), self.cfg.num_candidates, self.cfg.sample_attempts)
                 for node, answer in open_leaves]
-        expanded = dict(zip((id(n) for n, _ in open_leaves), self._expand_all(jobs)))
+        results = (yield ("expand", jobs)) if jobs else []
+        expanded = dict(zip((id(n) for n, _ in open_leaves), results))
         rollouts = [expanded[id(node)][1] if id(node) in expanded else () for node, _ in leaves]
-        values = self._value_all([answer + r for (_, answer), r in zip(leaves, rollouts)])
-        for (node, _), rollout, value in zip(leaves, rollouts, values):
+        values = yield ("value", [answer + r for (_, answer), r in zip(leaves, rollouts)])
+        spans = [self._spans(node, rollout) for (node, _), rollout in zip(leaves, rollouts)]
+        flat = [span for leaf_spans in spans for span in leaf_spans]
+        embedded = (yield ("embed", flat)) if flat else np.zeros((0, 0))
+        start = 0
+        for (node, _), rollout, value, leaf_spans in zip(leaves, rollouts, values, spans):
             if id(node) in expanded:  # evaluated the leaf (official: before expanding it)
                 self.add_children(node, expanded[id(node)][0])
             else:
                 self.stats.terminal_evaluations += 1
-            self.backup(node, value, rollout)
+            self.backup(node, value, rollout, embedded[start:start + len(leaf_spans)])
+            start += len(leaf_spans)
         return len(leaves)
 
     def _descend(self) -> tuple[Node, Tokens]:
@@ -249,7 +267,7 @@ class RainSearch:
             node.pending += delta
             node = node.parent
 
-    def _expand_all(self, jobs: list[tuple[Tokens, int, int, int]]) -> list[tuple[list[tuple[Tokens, float]], Tokens]]:
+    def _expand_all(self, jobs: list[Job]) -> list[tuple[list[tuple[Tokens, float]], Tokens]]:
         batch = getattr(self.env, "expand_batch", None)
         if batch is not None and len(jobs) > 1:
             return batch(jobs)
@@ -285,15 +303,23 @@ class RainSearch:
                                       raw_prob=p, parent=node))
         self.stats.nodes += len(candidates)
 
-    def backup(self, leaf: Node, value: float, rollout: Tokens) -> None:
-        """Rewind: update the path (running mean) and similar siblings (official nodes.backup)."""
-        path = leaf.path()
-        # Each node embeds the text from its own first token to the end of the rollout.
+    @staticmethod
+    def _spans(leaf: Node, rollout: Tokens) -> list[Tokens]:
+        """What each node on the path to `leaf` embeds: its text from its own first token to the
+        end of the rollout (root side first)."""
         spans, suffix = [], rollout
-        for node in reversed(path):
+        for node in reversed(leaf.path()):
             suffix = node.tokens + suffix
             spans.append(suffix)
-        embeddings = self.env.embed(spans[::-1]) if spans else np.zeros((0, 0))
+        return spans[::-1]
+
+    def backup(self, leaf: Node, value: float, rollout: Tokens, embeddings: np.ndarray | None = None) -> None:
+        """Rewind: update the path (running mean) and similar siblings (official nodes.backup).
+        `embeddings`: of `_spans(leaf, rollout)`, when the caller embedded them (batched)."""
+        path = leaf.path()
+        if embeddings is None:
+            spans = self._spans(leaf, rollout)
+            embeddings = self.env.embed(spans) if spans else np.zeros((0, 0))
         gamma, threshold = self.cfg.similarity_gamma, self.cfg.similarity_threshold
         for node, emb in zip(reversed(path), embeddings[::-1]):
             node.n += 1
@@ -385,6 +411,62 @@ class RainSearch:
             "dynamic": node.dynamic,
             "children": [self.tree_dict(c) for c in node.children],
         }
+
+
+def _drive(search: RainSearch, gen: Generator[Request, Any, Any]) -> Any:
+    """Answer a generator's requests with its own env (one search, no batching across searches)."""
+    reply: Any = None
+    while True:
+        try:
+            kind, payload = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply = _drive_one(search, kind, payload)
+
+
+ExpandMany = Callable[[list[tuple[Any, list[Job]]]], list[list[tuple[list[tuple[Tokens, float]], Tokens]]]]
+ValueMany = Callable[[list[tuple[Any, list[Tokens]]]], list[list[float]]]
+EmbedMany = Callable[[list[tuple[Any, list[Tokens]]]], list[np.ndarray]]
+
+
+def run_lockstep(searches: Sequence[RainSearch], expand_many: ExpandMany | None = None,
+                 value_many: ValueMany | None = None, embed_many: EmbedMany | None = None) -> list[SearchResult]:
+    """Run several searches at once: each round, all pending "expand" requests go to
+    `expand_many([(env, jobs), ...])` as one call, all "value" requests to `value_many` and all
+    "embed" requests to `embed_many`, so a backend can batch them across prompts. A search that
+    finishes leaves; the others go on. Without the batch functions each env answers its own
+    requests (same results as `run`)."""
+    gens = [s.steps() for s in searches]
+    results: list[SearchResult | None] = [None] * len(searches)
+    pending: dict[int, Request] = {}
+
+    def advance(i: int, reply: Any) -> None:
+        try:
+            pending[i] = gens[i].send(reply)
+        except StopIteration as stop:
+            results[i] = stop.value
+            pending.pop(i, None)
+
+    for i in range(len(searches)):
+        advance(i, None)
+    while pending:
+        for kind, many in (("expand", expand_many), ("value", value_many), ("embed", embed_many)):
+            ids = [i for i, (k, _) in pending.items() if k == kind]
+            if not ids:
+                continue
+            if many is not None:
+                replies = many([(searches[i].env, pending[i][1]) for i in ids])
+            else:
+                replies = [_drive_one(searches[i], kind, pending[i][1]) for i in ids]
+            for i, reply in zip(ids, replies):
+                advance(i, reply)
+    return results  # type: ignore[return-value]
+
+
+def _drive_one(search: RainSearch, kind: str, payload: list) -> Any:
+    if kind == "embed":
+        return search.env.embed(payload)
+    return search._expand_all(payload) if kind == "expand" else search._value_all(payload)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,7 +8,7 @@ tokens per phase, so a search can report what it cost.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -135,6 +135,11 @@ class Engine(Protocol):
                     uniforms: np.ndarray | None = None) -> list[Sample]:
         """Rows with their own sampling and stop rules, decoded as one batch over `context`."""
 
+    def decode_groups(self, requests: Sequence[tuple[Sequence[int], Sequence[Row], np.ndarray | None]],
+                      owners: Sequence[Counters | None] | None = None) -> list[list[Sample]]:
+        """`decode_rows` for several (context, rows, uniforms) in one batch; `owners[i]`, if
+        given, is charged request i's work as well as this engine's counters."""
+
     def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
                greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:
         """`rows` continuations of up to `length` tokens, sampled as one batch over the shared
@@ -148,11 +153,18 @@ class Engine(Protocol):
                       option_ids: Sequence[int]) -> np.ndarray:
         """Probabilities of `option_ids` after prefix + each suffix, shape (suffixes, options)."""
 
+    def score_many(self, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]],
+                   owners: Sequence[Counters | None] | None = None) -> list[np.ndarray]:
+        """`score_options` for several (prefix, suffixes, option_ids) in one batch."""
+
     def generate(self, context: Sequence[int], max_tokens: int, *, temperature: float = 0.0) -> list[int]:
         """Plain decoding (greedy at temperature 0) until a stop token or `max_tokens`."""
 
-    def retain(self, prefixes: Sequence[Sequence[int]]) -> None:
-        """Free cached work that extends none of `prefixes`."""
+    def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None) -> None:
+        """Free cached work that extends none of `prefixes` (nor what other live owners retain)."""
+
+    def release(self, owner: Hashable) -> None:
+        """Forget what `owner` retained."""
 
     def reset(self) -> None:
         """Drop all cached work."""

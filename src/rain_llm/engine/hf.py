@@ -14,7 +14,7 @@ instead of concatenating the whole cache each step.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -198,6 +198,40 @@ def _select_rows(cache: DynamicCache, rows: list[int]) -> None:
         layer.keys, layer.values = layer.kbuf[:, :, :layer.length], layer.vbuf[:, :, :layer.length]
 
 
+def _padded_cache(segments: list[list[KV]], rows: list[int], capacity: int) -> tuple[DynamicCache, list[int]]:
+    """A cache for several contexts at once: group g's concatenated `segments[g]` fills `rows[g]`
+    batch rows, left-padded with zeros so every context ends at the same column. Returns the
+    cache and each batch row's padding (masked out by the caller's attention mask)."""
+    lengths = [sum(kv[0][0].shape[-2] for kv in segs) for segs in segments]
+    width = max(lengths)
+    pads = [width - n for n, r in zip(lengths, rows) for _ in range(r)]
+    first = next(segs[0] for segs in segments if segs)
+    layers = []
+    for layer in range(len(first)):
+        k0, v0 = first[layer]
+        kbuf = torch.zeros((len(pads), k0.shape[1], capacity, k0.shape[3]), dtype=k0.dtype, device=k0.device)
+        vbuf = torch.zeros((len(pads), v0.shape[1], capacity, v0.shape[3]), dtype=v0.dtype, device=v0.device)
+        row = 0
+        for segs, n, r in zip(segments, lengths, rows):
+            if segs:
+                kbuf[row:row + r, :, width - n:width] = torch.cat([seg[layer][0] for seg in segs], dim=2)
+                vbuf[row:row + r, :, width - n:width] = torch.cat([seg[layer][1] for seg in segs], dim=2)
+            row += r
+        layers.append(_BufferLayer(kbuf, vbuf, width))
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache, pads
+
+
+def _head(segments: list[KV], n: int) -> list[KV]:
+    """The first n positions of a list of KV segments, as one segment (none if n == 0)."""
+    if n <= 0:
+        return []
+    kv = [(torch.cat([seg[layer][0] for seg in segments], dim=2)[:, :, :n],
+           torch.cat([seg[layer][1] for seg in segments], dim=2)[:, :, :n]) for layer in range(len(segments[0]))]
+    return [kv]
+
+
 def _cache_kv(cache: DynamicCache, start: int, end: int, row: int = 0) -> KV:
     """Copy positions [start, end) of one row out of a cache (for storing in the prefix tree)."""
     return [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
@@ -224,6 +258,8 @@ class HFEngine:
         self.reuse_cache = reuse_cache
         self.counters = Counters()
         self.prefix_cache = PrefixCache()
+        self._retained: dict[Hashable, list[list[int]]] = {}  # per owner (answers sharing the engine)
+        self.charge_to: Counters | None = None  # also charge work to these counters (one answer of several)
         self.context_window = context_window(model.config)
         self.device = model.get_input_embeddings().weight.device
         self.generator = torch.Generator().manual_seed(seed)
@@ -247,30 +283,48 @@ class HFEngine:
 
     # ------------------------------------------------------------------ model calls
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, cache: DynamicCache | None,
-                 keep: int | list[int] = 1) -> tuple[torch.Tensor, DynamicCache]:
+    def _forward(self, ids: torch.Tensor, cache: DynamicCache | None, keep: int | list[int] = 1,
+                 pads: list[int] | None = None, owners: Sequence[Counters | None] | None = None
+                 ) -> tuple[torch.Tensor, DynamicCache]:
         """Run `ids` [rows, n] after `cache`; return float32 logits [rows, kept, vocab] of the last
-        `keep` positions, or of the positions listed in `keep`."""
+        `keep` positions, or of the positions listed in `keep`. `pads`: each row's left padding in
+        the cache (rows of different contexts), masked out, positions counted after it.
+        `owners`: whose work each row is (per-answer counters in a batch of several answers)."""
         if cache is None:
             cache = DynamicCache()
         kwargs: dict[str, Any] = {self._cache_arg: cache, "use_cache": True}
         index = torch.tensor(keep) if isinstance(keep, list) else None
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = index.to(self.device) if index is not None else keep
+        if pads is not None and any(pads):
+            past, n = cache.get_seq_length(), ids.shape[1]
+            pad = torch.tensor(pads, device=self.device).unsqueeze(1)
+            columns = torch.arange(past + n, device=self.device).unsqueeze(0)
+            kwargs["attention_mask"] = (columns >= pad).long()
+            kwargs["position_ids"] = (columns[:, past:] - pad).clamp(min=0)
         out = self.model(input_ids=ids.to(self.device), **kwargs)
         self.counters.add(ids.shape[0], ids.shape[1])
+        if owners is None and self.charge_to is not None:
+            owners = [self.charge_to]
+        if owners is not None:
+            for owner in {id(o): o for o in owners if o is not None}.values():
+                owner.add(ids.shape[0] if len(owners) == 1 else sum(o is owner for o in owners), ids.shape[1])
         logits = out.logits
         if not self._logits_to_keep:
             logits = logits[:, index.to(logits.device)] if index is not None else logits[:, -keep:]
         return logits.float(), cache
 
-    def _prefill(self, context: Sequence[int], rows: int, extra: int) -> tuple[DynamicCache, torch.Tensor, Any]:
+    def _prefill(self, context: Sequence[int], rows: int, extra: int,
+                 owner: Counters | None = None) -> tuple[DynamicCache, torch.Tensor, Any]:
         """Encode `context` (reusing cached prefixes) into a cache of `rows` rows with room for
         `extra` more tokens. Returns (cache, next-token logits [vocab], the prefix-tree node
         for `context`, None when reuse is off)."""
         if not context:
             raise RainError("empty context: nothing to condition on")
+        owner = owner if owner is not None else self.charge_to
         self.counters.least.add(context)
+        if owner is not None:
+            owner.least.add(context)
         if self.reuse_cache:
             path, node, pos, logits = self.prefix_cache.lookup(context)
         else:
@@ -279,7 +333,7 @@ class HFEngine:
         if logits is None:
             feed = list(context[pos:])
             cache = _buffer_cache(segments, 1, len(context) + (extra if rows == 1 else 0))
-            out, cache = self._forward(torch.tensor([feed]), cache)
+            out, cache = self._forward(torch.tensor([feed]), cache, owners=[owner])
             logits = out[0, -1]
             computed = _cache_kv(cache, pos, len(context))
             if self.reuse_cache:
@@ -318,21 +372,88 @@ class HFEngine:
         _, logits, _ = self._prefill(context, 1, 0)
         return logits.cpu().numpy()
 
+    # ------------------------------------------------------------------ several contexts at once
+    def _encode_many(self, contexts: Sequence[Sequence[int]],
+                     owners: Sequence[Counters | None] | None = None) -> None:
+        """Put every context, with the logits after it, in the prefix tree: the uncached tails of
+        all of them run as one left-padded batch (a row re-runs a few cached tokens when its tail
+        is shorter than the longest; rows too short for that width go in a later batch)."""
+        todo: dict[tuple[int, ...], tuple[list[int], list[KV], int, Counters | None]] = {}
+        for i, context in enumerate(contexts):
+            key = tuple(context)
+            if key in todo:
+                continue
+            path, _, pos, logits = self.prefix_cache.lookup(context)
+            if logits is None:  # segments are captured now: later lookups may split these chunks
+                todo[key] = (list(context), [c.kv for c in path if c.kv is not None], pos,
+                             owners[i] if owners else None)
+        pending = sorted(todo.values(), key=lambda t: len(t[0]) - t[2], reverse=True)
+        while pending:
+            width = len(pending[0][0]) - pending[0][2]
+            batch = [t for t in pending if len(t[0]) >= width]
+            pending = [t for t in pending if len(t[0]) < width]
+            cached = [_head(segments, len(context) - width) for context, segments, _, _ in batch]
+            end = max(len(context) for context, _, _, _ in batch)
+            if any(cached):
+                cache, _ = _padded_cache(cached, [1] * len(batch), end)
+            else:
+                cache = None
+            pads = [end - len(context) for context, _, _, _ in batch]
+            ids = torch.tensor([context[len(context) - width:] for context, _, _, _ in batch])
+            out, cache = self._forward(ids, cache, pads=pads, owners=[t[3] for t in batch])
+            for row, (context, _, _, _) in enumerate(batch):
+                _, node, pos, logits = self.prefix_cache.lookup(context)
+                if logits is None:  # not stored by an identical row of this batch
+                    node.add(_Chunk(tuple(context[pos:]), _cache_kv(cache, end - (len(context) - pos), end, row),
+                                    out[row, -1].clone()))
+
+    def _gather(self, contexts: Sequence[Sequence[int]], rows: Sequence[int],
+                extra: int) -> tuple[DynamicCache, list[int], list[torch.Tensor]]:
+        """A left-padded cache with rows[g] rows of context g (all in the prefix tree, see
+        `_encode_many`) and room for `extra` more tokens; each row's padding; the logits after
+        each context."""
+        segments, logits = [], []
+        for context in contexts:
+            path, _, pos, after = self.prefix_cache.lookup(context)
+            if after is None or pos != len(context):
+                raise RuntimeError("engine bug: context not cached before gathering")
+            segments.append([c.kv for c in path if c.kv is not None])
+            logits.append(after)
+        cache, pads = _padded_cache(segments, list(rows), max(len(c) for c in contexts) + extra)
+        return cache, pads, logits
+
     # ------------------------------------------------------------------ sampling
-    def _decode(self, context: Sequence[int], rows: int, length: int,
+    def _decode(self, groups: Sequence[tuple[Sequence[int], int]], length: int,
                 pick: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-                done: Callable[[int, list[int]], bool]) -> tuple[list[list[int]], list[float]]:
-        """Shared decode loop: `pick(logits [rows, vocab], step) -> (tokens, logprobs)`;
-        a row stops once `done(row, its tokens)`. Finished rows leave the batch (their KV goes
-        to the prefix tree first), so a long row does not drag the short ones along."""
-        cache, logits, node = self._prefill(context, rows, length)
-        start = len(context)
-        vocab = logits.shape[-1]
-        step_logits = logits.unsqueeze(0).expand(rows, vocab)  # [rows, vocab]; finished rows are stale
+                done: Callable[[int, list[int]], bool],
+                owners: Sequence[Counters | None] | None = None) -> tuple[list[list[int]], list[float]]:
+        """Shared decode loop over groups of rows (context, number of rows): `pick(logits [rows,
+        vocab], step) -> (tokens, logprobs)`; a row stops once `done(row, its tokens)`. Finished
+        rows leave the batch (their KV goes to the prefix tree first), so a long row does not drag
+        the short ones along. Several contexts share one left-padded batch (reuse on)."""
+        group_of = [g for g, (_, n) in enumerate(groups) for _ in range(n)]
+        rows = len(group_of)
+        if owners is None and self.charge_to is not None:
+            owners = [self.charge_to] * len(groups)
+        row_owner = [owners[g] for g in group_of] if owners else None
+        if len(groups) == 1:
+            context = groups[0][0]
+            cache, logits, node = self._prefill(context, rows, length, owners[0] if owners else None)
+            pads, start, first = None, len(context), [logits]
+            nodes: list[Any] = [node]
+        else:
+            for g, (context, _) in enumerate(groups):
+                self.counters.least.add(context)
+                if owners and owners[g] is not None:
+                    owners[g].least.add(context)
+            self._encode_many([c for c, _ in groups], owners)
+            cache, pads, first = self._gather([c for c, _ in groups], [n for _, n in groups], length)
+            start, nodes = max(len(c) for c, _ in groups), [None] * len(groups)
+        step_logits = torch.stack([first[g] for g in group_of])  # [rows, vocab]; finished rows are stale
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprob = [0.0] * rows
         active = list(range(rows))  # original row index of each batch row in the cache
-        last_logits: list[torch.Tensor] = [logits] * rows  # logits after each row's last fed token
+        last_logits: list[torch.Tensor] = [first[g] for g in group_of]  # after each row's last fed token
         for step in range(length):
             chosen, lp = pick(step_logits, step)
             chosen_list, lp_list = chosen.tolist(), lp.tolist()
@@ -341,17 +462,27 @@ class HFEngine:
                 tokens[r].append(chosen_list[r])
                 logprob[r] += lp_list[r]
                 if done(r, tokens[r]) or step == length - 1:
-                    leaving.append((tokens[r][:-1], slot, last_logits[r]))
-                    self.counters.least.add(list(context) + tokens[r][:-1])
+                    leaving.append((tokens[r][:-1], slot, last_logits[r], group_of[r]))
+                    fed = list(groups[group_of[r]][0]) + tokens[r][:-1]
+                    self.counters.least.add(fed)
+                    if row_owner and row_owner[r] is not None:
+                        row_owner[r].least.add(fed)
                 else:
                     still.append(slot)
-            self._store(node, leaving, cache, start)
+            for g in sorted({leave[3] for leave in leaving}):
+                node = nodes[g]
+                if node is None and self.reuse_cache:  # looked up now: other groups' lookups split chunks
+                    _, node, pos, _ = self.prefix_cache.lookup(groups[g][0])
+                    node = node if pos == len(groups[g][0]) else None
+                self._store(node, [leave[:3] for leave in leaving if leave[3] == g], cache, start)
             if not still:
                 break
             if len(still) < len(active):
                 _select_rows(cache, still)
                 active = [active[slot] for slot in still]
-            out, cache = self._forward(torch.tensor([[chosen_list[r]] for r in active]), cache)
+            out, cache = self._forward(torch.tensor([[chosen_list[r]] for r in active]), cache,
+                                       pads=[pads[r] for r in active] if pads else None,
+                                       owners=[row_owner[r] for r in active] if row_owner else None)
             fresh = out[:, -1]
             step_logits = step_logits.clone() if step == 0 else step_logits
             step_logits[torch.tensor(active, device=fresh.device)] = fresh
@@ -364,19 +495,34 @@ class HFEngine:
         """Decode several rows as one batch over the shared context, each with its own
         sampling rule and stop rule. Row r samples with uniforms[r, step] (inverse CDF), so a
         row gives the same tokens alone or in a batch."""
-        n, length = len(rows), max(r.max_tokens for r in rows)
-        if uniforms is None:
-            uniforms = torch.rand(n, length, generator=self.generator, dtype=torch.float64).numpy()
-        u = torch.as_tensor(np.asarray(uniforms, dtype=np.float64).reshape(n, -1))
-        groups: dict[tuple[float, int], list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault((r.temperature, r.top_k), []).append(i)
-        greedy = [i for i, r in enumerate(rows) if r.greedy]
+        return self.decode_groups([(context, rows, uniforms)])[0]
+
+    def decode_groups(self, requests: Sequence[tuple[Sequence[int], Sequence[Row], np.ndarray | None]],
+                      owners: Sequence[Counters | None] | None = None) -> list[list[Sample]]:
+        """`decode_rows` for several contexts in one batch: each request is (context, rows,
+        uniforms or None). `owners[i]` (optional) is also charged request i's work."""
+        if len(requests) > 1 and not self.reuse_cache:  # no prefix tree to gather from: one at a time
+            return [self.decode_groups([req], [owners[i]] if owners else None)[0] for i, req in enumerate(requests)]
+        all_rows = [row for _, rows, _ in requests for row in rows]
+        n, length = len(all_rows), max(r.max_tokens for r in all_rows)
+        u = torch.full((n, length), 0.5, dtype=torch.float64)
+        start = 0
+        for _, rows, uniforms in requests:
+            width = max(r.max_tokens for r in rows)
+            if uniforms is None:
+                uniforms = torch.rand(len(rows), width, generator=self.generator, dtype=torch.float64).numpy()
+            block = torch.as_tensor(np.asarray(uniforms, dtype=np.float64).reshape(len(rows), -1))
+            u[start:start + len(rows), :block.shape[1]] = block[:, :length]
+            start += len(rows)
+        by_rule: dict[tuple[float, int], list[int]] = {}
+        for i, r in enumerate(all_rows):
+            by_rule.setdefault((r.temperature, r.top_k), []).append(i)
+        greedy = {i for i, r in enumerate(all_rows) if r.greedy}
 
         def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
             chosen = torch.zeros(n, dtype=torch.long)
             logprob = torch.zeros(n, dtype=torch.float64)
-            for (temperature, top_k), idx in groups.items():
+            for (temperature, top_k), idx in by_rule.items():
                 probs = _warp(logits[idx], temperature, top_k)
                 picked = _inverse_cdf(probs, u[idx, step])
                 for j, i in enumerate(idx):
@@ -389,12 +535,18 @@ class HFEngine:
         stops = self.stop_ids
 
         def done(i: int, tokens: list[int]) -> bool:
-            row = rows[i]
+            row = all_rows[i]
             return (tokens[-1] in stops or len(tokens) >= row.max_tokens
                     or (row.done is not None and row.done(tokens)))
 
-        tokens, logprob = self._decode(context, n, length, pick, done)
-        return [Sample(t, lp) for t, lp in zip(tokens, logprob)]
+        groups = [(context, len(rows)) for context, rows, _ in requests]
+        tokens, logprob = self._decode(groups, length, pick, done, owners)
+        samples = [Sample(t, lp) for t, lp in zip(tokens, logprob)]
+        out, start = [], 0
+        for _, rows, _ in requests:
+            out.append(samples[start:start + len(rows)])
+            start += len(rows)
+        return out
 
     def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
                greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:
@@ -411,22 +563,25 @@ class HFEngine:
 
     # ------------------------------------------------------------------ scoring
     def score_options(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-                      option_ids: Sequence[int]) -> np.ndarray:
+                      option_ids: Sequence[int], owner: Counters | None = None) -> np.ndarray:
         """One batched forward: each row is the uncached rest of the prefix plus one suffix,
         right-padded (causal attention never looks at the padding). The prefix's KV is stored
         from row 0 so the next evaluation of a longer answer starts from it."""
         if not prefix or not all(suffixes):
             raise RainError("evaluation prompt and its suffixes must not be empty")
+        owner = owner if owner is not None else self.charge_to
         if self.reuse_cache:
             path, node, pos, _ = self.prefix_cache.lookup(prefix)
         else:
             path, node, pos = [], None, 0
         for suffix in suffixes:
             self.counters.least.add(list(prefix) + list(suffix))
+            if owner is not None:
+                owner.least.add(list(prefix) + list(suffix))
         rest = list(prefix[pos:])
         if len(rest) > 2 * max(len(s) for s in suffixes):
             # a long uncached prefix: encode it once (batch 1) rather than once per row
-            cache, _, _ = self._prefill(prefix, len(suffixes), max(len(s) for s in suffixes))
+            cache, _, _ = self._prefill(prefix, len(suffixes), max(len(s) for s in suffixes), owner)
             pos, rest = len(prefix), []
             path = []
         else:
@@ -438,7 +593,7 @@ class HFEngine:
         ends = [len(r) - 1 for r in rows]
         keep = sorted(set(ends + ([len(rest) - 1] if rest else [])))
         padded = [r + [r[-1]] * (width - len(r)) for r in rows]
-        logits, cache = self._forward(torch.tensor(padded), cache, keep=keep)
+        logits, cache = self._forward(torch.tensor(padded), cache, keep=keep, owners=[owner] * len(rows))
         if rest and self.reuse_cache:
             after_prefix = logits[0, keep.index(len(rest) - 1)].clone()
             node.add(_Chunk(tuple(rest), _cache_kv(cache, pos, pos + len(rest)), after_prefix))
@@ -446,12 +601,56 @@ class HFEngine:
         probs = torch.softmax(last, dim=-1)
         return probs[:, list(option_ids)].cpu().numpy().astype(np.float64)
 
+    def score_many(self, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]],
+                   owners: Sequence[Counters | None] | None = None) -> list[np.ndarray]:
+        """`score_options` for several (prefix, suffixes, option_ids) in one batch: the prefixes'
+        uncached parts run as one left-padded batch, then every prefix + suffix row as another."""
+        if len(requests) == 1 or not self.reuse_cache:
+            return [self.score_options(*req, owner=owners[i] if owners else None) for i, req in enumerate(requests)]
+        for i, (prefix, suffixes, _) in enumerate(requests):
+            if not prefix or not all(suffixes):
+                raise RainError("evaluation prompt and its suffixes must not be empty")
+            for suffix in suffixes:
+                self.counters.least.add(list(prefix) + list(suffix))
+                if owners and owners[i] is not None:
+                    owners[i].least.add(list(prefix) + list(suffix))
+        prefixes = [prefix for prefix, _, _ in requests]
+        self._encode_many(prefixes, owners)
+        width = max(len(s) for _, suffixes, _ in requests for s in suffixes)
+        cache, pads, _ = self._gather(prefixes, [len(suffixes) for _, suffixes, _ in requests], width)
+        rows = [list(s) for _, suffixes, _ in requests for s in suffixes]
+        row_owners = [owners[i] if owners else None for i, (_, suffixes, _) in enumerate(requests) for _ in suffixes]
+        ends = [len(r) - 1 for r in rows]
+        keep = sorted(set(ends))
+        padded = [r + [r[-1]] * (width - len(r)) for r in rows]  # right padding: causal rows never see it
+        logits, _ = self._forward(torch.tensor(padded), cache, keep=keep, pads=pads, owners=row_owners)
+        last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
+        probs = torch.softmax(last, dim=-1).cpu().numpy().astype(np.float64)
+        out, start = [], 0
+        for _, suffixes, option_ids in requests:
+            out.append(probs[start:start + len(suffixes)][:, list(option_ids)])
+            start += len(suffixes)
+        return out
+
     # ------------------------------------------------------------------ memory
-    def retain(self, prefixes: Sequence[Sequence[int]]) -> None:
-        self.prefix_cache.retain(prefixes)
+    def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None) -> None:
+        """Free cached work that extends none of `prefixes`. With an `owner` (one of several
+        answers sharing this engine), `prefixes` replace that owner's earlier ones and what any
+        live owner retains is kept; without, only `prefixes` are kept and all owners forgotten."""
+        if owner is None:
+            self._retained.clear()
+            self.prefix_cache.retain(prefixes)
+            return
+        self._retained[owner] = [list(p) for p in prefixes]
+        self.prefix_cache.retain([p for kept in self._retained.values() for p in kept])
+
+    def release(self, owner: Hashable) -> None:
+        """An owner is done: what only it retained goes at the next `retain`."""
+        self._retained.pop(owner, None)
 
     def reset(self) -> None:
         self.prefix_cache.clear()
+        self._retained.clear()
 
 
 def _warp(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Many prompts in lockstep and parallel leaves on a real (tiny, random-weight) transformers model:
+batched answers equal one-by-one answers, the work is attributed, and memory stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from rain_llm import Rain, load_config
+
+PROMPTS = ["How do I pick a lock?", "Hi", "Write a long and detailed story about a dragon who learns to sing."]
+
+
+@pytest.fixture(scope="module")
+def rain(tokenizer):
+    from conftest import tiny_model
+
+    from rain_llm.embedder import MiniLMEmbedder
+
+    return Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
+
+
+def cfg(**kw):
+    return load_config("fast", **{"max_new_tokens": 8, "t_max": 3, "max_rollout_tokens": 6, **kw})
+
+
+def test_lockstep_answers_equal_one_by_one(rain):
+    config = cfg()
+    alone = [rain.generate(p, config) for p in PROMPTS]
+    passes_alone = sum(g.stats["compute"]["total"]["forward_passes"] for g in alone)
+    together = rain.generate_many(PROMPTS, config)
+    for a, b in zip(alone, together):
+        assert b.token_ids == a.token_ids and b.text == a.text
+        assert b.stats["iterations_per_step"] == a.stats["iterations_per_step"]
+        assert b.stats["batch"] == len(PROMPTS)
+    whole = together[0].stats["batch_compute"]["total"]
+    # batching: fewer forward passes for the three answers than one by one
+    assert whole["forward_passes"] < passes_alone
+    # every processed token is charged to exactly one answer
+    assert sum(g.stats["compute"]["total"]["tokens"] for g in together) == whole["tokens"]
+    for g in together:
+        assert g.stats["compute"]["expand"]["tokens"] > 0 and g.stats["compute"]["evaluate"]["tokens"] > 0
+
+
+def test_lockstep_keeps_each_answers_cache(rain):
+    """One search's commit must not free another's cached work: the batch processes no more
+    LM tokens than the answers one by one (cache lost -> recomputation -> more tokens)."""
+    config = cfg(max_new_tokens=10)
+    alone = sum(g.stats["compute"]["total"]["tokens"] - g.stats["compute"].get("embed", {}).get("tokens", 0)
+                for g in (rain.generate(p, config) for p in PROMPTS))
+    batch = rain.generate_many(PROMPTS, config)[0].stats["batch_compute"]
+    lm = batch["total"]["tokens"] - batch.get("embed", {}).get("tokens", 0)
+    assert lm <= alone * 1.25  # padding to the longest row costs some; losing caches would cost far more
+
+
+def test_vanilla_many_equals_one_by_one(rain):
+    config = cfg(method="vanilla", max_new_tokens=12)
+    alone = [rain.generate(p, config).token_ids for p in PROMPTS]
+    together = rain.generate_many(PROMPTS, config)
+    assert [g.token_ids for g in together] == alone
+    # 11 decode steps for all three at once, plus at most one prefill per prompt
+    assert together[0].stats["batch_compute"]["total"]["forward_passes"] <= 11 + len(PROMPTS)
+
+
+def test_parallel_leaves_on_the_engine(rain):
+    """P leaves per round: expanded and evaluated as one batch each, same iteration budget."""
+    one = rain.generate(PROMPTS[0], cfg(t_max=6, value_threshold=2.0, fresh_iterations=0))
+    par = rain.generate(PROMPTS[0], cfg(t_max=6, value_threshold=2.0, fresh_iterations=0, parallel_leaves=3))
+    assert par.token_ids and par.stats["iterations"] == sum(par.stats["iterations_per_step"])
+    assert par.stats["iterations_per_step"] == one.stats["iterations_per_step"]
+    per_iteration = [g.stats["compute"]["evaluate"]["forward_passes"] / g.stats["iterations"] for g in (one, par)]
+    assert per_iteration[1] < per_iteration[0]  # several leaves share an evaluation batch
+
+
+def test_memory_stays_bounded_over_a_long_answer(rain, monkeypatch):
+    """After each commit only the committed path, its evaluation prompt and the kept subtree stay
+    cached; without that pruning the cache grows with everything the search explored."""
+    from rain_llm.env import ModelEnv
+
+    def run(prune: bool) -> tuple[list[int], int]:
+        sizes: list[int] = []
+        original = ModelEnv.on_commit
+
+        def on_commit(self, answer):
+            if prune:
+                original(self, answer)
+            sizes.append(rain.engine.prefix_cache.num_tokens())
+
+        monkeypatch.setattr(ModelEnv, "on_commit", on_commit)
+        out = rain.generate(PROMPTS[0], cfg(max_new_tokens=40, t_max=2, token_set_lengths=(1, 2)))
+        monkeypatch.setattr(ModelEnv, "on_commit", original)
+        return sizes, out.stats["compute"]["total"]["tokens"]
+
+    pruned, explored = run(True)
+    kept, _ = run(False)
+    assert len(pruned) > 10
+    assert pruned[-1] < 0.5 * kept[-1]
+    assert pruned[-1] < 0.3 * explored
+    half = len(pruned) // 2  # later commits hold about what earlier ones did, plus the longer answer
+    assert max(pruned[half:]) < 2 * max(pruned[:half]) + 200
