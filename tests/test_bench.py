@@ -23,6 +23,7 @@ def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
     assert s["rain-b2"]["answer_tokens"] == s["rain"]["answer_tokens"]  # same prompts, same budget
     assert s["rain-b2"]["forward_passes_per_token"] < s["rain"]["forward_passes_per_token"]
     assert s["rain"]["throughput_x_unbatched"] is None
+    assert all(-1.0 <= m["final_value"] <= 1.0 for m in s.values())  # the answers' self-evaluation
     assert s["vanilla"]["x_vanilla"] == 1.0
     assert s["rain-no-reuse"]["tokens_per_token"] > s["rain"]["tokens_per_token"]
     assert s["rain"]["lm_tokens_over_least_work"] >= 1.0  # never less than the least work

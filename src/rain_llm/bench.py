@@ -2,9 +2,11 @@
 
 Prints one table and writes JSON (`--out`): per method, seconds per answer token and the ratio to
 vanilla; forward passes and tokens processed per answer token; the ratio of tokens processed to the
-least work the search needed; per phase: forward passes, tokens, seconds. `--random llama3-8b`
-builds a random-weight model of Llama-3-8B's shape (bf16 on a GPU) with the default model's tokenizer,
-for speed work where no weights can be downloaded.
+least work the search needed; per phase: forward passes, tokens, seconds; the self-evaluation of the
+final answers (how the value that steers RAIN rates each method's output, e.g. P > 1 against P = 1).
+A method name ending in -bN answers N prompts at once (searches in lockstep). `--random llama3-8b`
+builds a random-weight model of Llama-3-8B's shape (bf16 on a GPU) with a real tokenizer, for speed
+work where no weights can be downloaded.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
             compute = outs[0].stats.get("batch_compute", outs[0].stats["compute"])
+            values = [final_value(rain, cfg, p, o.text) for p, o in zip(chunk, outs)]
             embed = compute.get("embed", {}).get("tokens", 0)
             answer_tokens = sum(len(o.token_ids) for o in outs)
             runs[name].append({"prompts": chunk, "answer_tokens": answer_tokens, "seconds": seconds,
@@ -103,10 +106,19 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
                                "least_work": sum(o.stats["compute"].get("least_work", {}).get("tokens", 0)
                                                  for o in outs),
                                "iterations_per_step": [x for o in outs for x in o.stats.get("iterations_per_step", [])],
-                               "compute": compute, "texts": [o.text for o in outs]})
+                               "compute": compute, "texts": [o.text for o in outs], "final_values": values})
             print(f"[{name}] prompts {i + 1}-{i + len(chunk)} of {len(prompts)}: {answer_tokens:4d} tokens "
                   f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
     return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()})}
+
+
+def final_value(rain: Rain, cfg: RainConfig, prompt: str, text: str) -> float | None:
+    """The self-evaluation of a finished answer (mean of both option orders, in [-1, 1]): how the
+    value that steers the search rates what each method produced (after timing, not timed)."""
+    if not text.strip():
+        return None
+    source = rain.value_source(cfg.replace(value_mode="mean"))
+    return float(source.bind(prompt).value(text))
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]],
@@ -123,6 +135,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]],
                 for k in p:
                     p[k] += c.get(k, 0)
         its = [x for r in recs for x in r["iterations_per_step"]]
+        values = [v for r in recs for v in r.get("final_values", []) if v is not None]
         least = sum(r["least_work"] for r in recs)
         out[name] = {
             "answer_tokens": answer,
@@ -131,6 +144,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]],
             "tokens_per_token": sum(r["tokens"] for r in recs) / answer,
             "lm_tokens_over_least_work": sum(r["lm_tokens"] for r in recs) / least if least else None,
             "iterations_per_step": statistics.mean(its) if its else None,
+            "final_value": statistics.mean(values) if values else None,
+            "final_value_sd": statistics.stdev(values) if len(values) > 1 else None,
             "phases": phases,
         }
     base = out.get("vanilla")
@@ -150,13 +165,14 @@ def unbatched_name(name: str) -> str:
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'method':16s} {'s/token':>9s} {'x vanilla':>9s} {'fwd/token':>10s} {'tok/token':>10s} "
-             f"{'iter/step':>9s} {'LM tok/least':>12s} {'thru x B=1':>10s}"]
+             f"{'iter/step':>9s} {'LM tok/least':>12s} {'thru x B=1':>10s} {'value':>7s}"]
     for name, s in summary.items():
         least = s["lm_tokens_over_least_work"]
         lines.append(f"{name:16s} {s['seconds_per_token']:9.4f} {s['x_vanilla'] or 0:9.2f} "
                      f"{s['forward_passes_per_token']:10.1f} {s['tokens_per_token']:10.1f} "
                      f"{s['iterations_per_step'] or 0:9.1f} {least if least is not None else float('nan'):12.2f} "
-                     f"{s.get('throughput_x_unbatched') or float('nan'):10.2f}")
+                     f"{s.get('throughput_x_unbatched') or float('nan'):10.2f} "
+                     f"{s['final_value'] if s.get('final_value') is not None else float('nan'):7.3f}")
     lines.append("per phase (forward passes / tokens / seconds):")
     for name, s in summary.items():
         parts = [f"{p} {c['forward_passes']}/{c['tokens']}/{c['seconds']:.2f}" for p, c in sorted(s["phases"].items())]
