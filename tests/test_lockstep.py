@@ -57,8 +57,8 @@ def test_vanilla_many_equals_one_by_one(rain):
     alone = [rain.generate(p, config).token_ids for p in PROMPTS]
     together = rain.generate_many(PROMPTS, config)
     assert [g.token_ids for g in together] == alone
-    # 11 decode steps for all three at once, plus at most one prefill per prompt
-    assert together[0].stats["batch_compute"]["total"]["forward_passes"] <= 11 + len(PROMPTS)
+    # one prefill of the three prompts (different lengths) and 11 decode steps, all three at once
+    assert together[0].stats["batch_compute"]["total"]["forward_passes"] <= 12
 
 
 def test_parallel_leaves_on_the_engine(rain):

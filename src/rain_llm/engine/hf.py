@@ -223,15 +223,6 @@ def _padded_cache(segments: list[list[KV]], rows: list[int], capacity: int) -> t
     return cache, pads
 
 
-def _head(segments: list[KV], n: int) -> list[KV]:
-    """The first n positions of a list of KV segments, as one segment (none if n == 0)."""
-    if n <= 0:
-        return []
-    kv = [(torch.cat([seg[layer][0] for seg in segments], dim=2)[:, :, :n],
-           torch.cat([seg[layer][1] for seg in segments], dim=2)[:, :, :n]) for layer in range(len(segments[0]))]
-    return [kv]
-
-
 def _cache_kv(cache: DynamicCache, start: int, end: int, row: int = 0) -> KV:
     """Copy positions [start, end) of one row out of a cache (for storing in the prefix tree)."""
     return [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
@@ -375,9 +366,9 @@ class HFEngine:
     # ------------------------------------------------------------------ several contexts at once
     def _encode_many(self, contexts: Sequence[Sequence[int]],
                      owners: Sequence[Counters | None] | None = None) -> None:
-        """Put every context, with the logits after it, in the prefix tree: the uncached tails of
-        all of them run as one left-padded batch (a row re-runs a few cached tokens when its tail
-        is shorter than the longest; rows too short for that width go in a later batch)."""
+        """Put every context, with the logits after it, in the prefix tree. The uncached tails of
+        all of them run as one batch: cached parts left-padded to end at one column, tails fed
+        from there and right-padded (causal rows never see their right padding)."""
         todo: dict[tuple[int, ...], tuple[list[int], list[KV], int, Counters | None]] = {}
         for i, context in enumerate(contexts):
             key = tuple(context)
@@ -387,25 +378,25 @@ class HFEngine:
             if logits is None:  # segments are captured now: later lookups may split these chunks
                 todo[key] = (list(context), [c.kv for c in path if c.kv is not None], pos,
                              owners[i] if owners else None)
-        pending = sorted(todo.values(), key=lambda t: len(t[0]) - t[2], reverse=True)
-        while pending:
-            width = len(pending[0][0]) - pending[0][2]
-            batch = [t for t in pending if len(t[0]) >= width]
-            pending = [t for t in pending if len(t[0]) < width]
-            cached = [_head(segments, len(context) - width) for context, segments, _, _ in batch]
-            end = max(len(context) for context, _, _, _ in batch)
-            if any(cached):
-                cache, _ = _padded_cache(cached, [1] * len(batch), end)
-            else:
-                cache = None
-            pads = [end - len(context) for context, _, _, _ in batch]
-            ids = torch.tensor([context[len(context) - width:] for context, _, _, _ in batch])
-            out, cache = self._forward(ids, cache, pads=pads, owners=[t[3] for t in batch])
-            for row, (context, _, _, _) in enumerate(batch):
-                _, node, pos, logits = self.prefix_cache.lookup(context)
-                if logits is None:  # not stored by an identical row of this batch
-                    node.add(_Chunk(tuple(context[pos:]), _cache_kv(cache, end - (len(context) - pos), end, row),
-                                    out[row, -1].clone()))
+        if not todo:
+            return
+        batch = list(todo.values())
+        start = max(pos for _, _, pos, _ in batch)  # column where every tail begins
+        tails = [context[pos:] for context, _, pos, _ in batch]
+        width = max(len(t) for t in tails)
+        pads = [start - pos for _, _, pos, _ in batch]
+        cache = _padded_cache([segs for _, segs, _, _ in batch], [1] * len(batch), start + width)[0] \
+            if start > 0 else None
+        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tails])
+        ends = [len(t) - 1 for t in tails]
+        keep = sorted(set(ends))
+        out, cache = self._forward(ids, cache, keep=keep, pads=pads if start > 0 else None,
+                                   owners=[t[3] for t in batch])
+        for row, (context, _, pos, _) in enumerate(batch):
+            _, node, now, logits = self.prefix_cache.lookup(context)
+            if logits is None:  # not stored by an identical row of this batch
+                kv = _cache_kv(cache, start + now - pos, start + len(context) - pos, row)
+                node.add(_Chunk(tuple(context[now:]), kv, out[row, keep.index(ends[row])].clone()))
 
     def _gather(self, contexts: Sequence[Sequence[int]], rows: Sequence[int],
                 extra: int) -> tuple[DynamicCache, list[int], list[torch.Tensor]]:
