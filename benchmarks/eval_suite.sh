@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 R=.venv/bin/rain
 OUT=results/eval
 N=${N:-50}
-COMMON=(--preset fast --max-new-tokens 24 --quiet)
+COMMON=(--preset fast --max-new-tokens 24 --batch "${BATCH:-8}" --quiet)
 $R eval selfeval --limit 200 --out $OUT/selfeval.jsonl --quiet
 $R eval advbench --limit "$N" --methods vanilla,rain "${COMMON[@]}" --out $OUT/advbench.jsonl
 $R eval sentiment --limit "$N" --methods vanilla,rain --value vader "${COMMON[@]}" --out $OUT/sentiment-vader.jsonl
