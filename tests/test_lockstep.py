@@ -97,3 +97,15 @@ def test_memory_stays_bounded_over_a_long_answer(rain, monkeypatch):
     assert pruned[-1] < 0.3 * explored
     half = len(pruned) // 2  # later commits hold about what earlier ones did, plus the longer answer
     assert max(pruned[half:]) < 2 * max(pruned[:half]) + 200
+
+
+def test_compute_budget_is_per_answer_in_lockstep(rain):
+    """--max-search-tokens counts each answer's own work, not the batch's."""
+    config = cfg(max_new_tokens=12, t_max=50, value_threshold=2.0, max_search_tokens=600)
+    alone = [rain.generate(p, config) for p in PROMPTS]
+    together = rain.generate_many(PROMPTS, config)
+    for a, b in zip(alone, together):
+        assert a.stats["budget_stopped"] and b.stats["budget_stopped"]
+        assert len(b.token_ids) == len(a.token_ids)  # finished by plain decoding either way
+        # padding in a batch is charged to its rows, so a batched answer may stop a little earlier
+        assert b.stats["iterations"] >= 0.6 * a.stats["iterations"]

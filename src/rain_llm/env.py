@@ -174,7 +174,8 @@ class ModelEnv:
 
     def over_budget(self) -> bool:
         cfg = self.cfg
-        if cfg.max_search_tokens and self.engine.counters.total().tokens >= cfg.max_search_tokens:
+        spent = (self.owner or self.engine.counters).total().tokens  # this answer's work, also in a batch
+        if cfg.max_search_tokens and spent >= cfg.max_search_tokens:
             return True
         return bool(cfg.max_search_seconds) and time.perf_counter() - self.started >= cfg.max_search_seconds
 
@@ -211,9 +212,11 @@ Job = tuple[Tokens, int, int, int]  # (answer, token-set length, n candidates, s
 def expand_many(items: list[tuple[ModelEnv, list[Job]]]) -> list[list[tuple[list[tuple[Tokens, float]], Tokens]]]:
     """Expand many leaves (of one search or of several sharing an engine) as one decode batch:
     each leaf's candidate rows and its rollout row. Results in the order of `items` and jobs."""
+    if len({id(env.engine) for env, _ in items}) > 1:  # different models cannot share a batch
+        return [[env.expand(*job) for job in jobs] for env, jobs in items]
     requests, owners, plan = [], [], []
     for env, jobs in items:
-        for answer, length, n, attempts in jobs:
+        for answer, length, _, attempts in jobs:
             length = env._clip(answer, length)
             rows = []
             if length > 1:
@@ -222,22 +225,21 @@ def expand_many(items: list[tuple[ModelEnv, list[Job]]]) -> list[list[tuple[list
             rollout_row = env._rollout_row(answer)
             if rollout_row is not None:
                 rows.append(rollout_row)
-            plan.append((env, answer, length, n, attempts, len(rows), rollout_row is not None))
+            plan.append((length, len(rows), rollout_row is not None))
             if rows:
                 requests.append((env.context + list(answer), rows, env.uniforms(rows)))
                 owners.append(env.owner)
-    engines = {id(env.engine) for env, _ in items}
-    if len(engines) > 1 or not requests:  # different models cannot share a batch
-        return [[env.expand(*job) for job in jobs] for env, jobs in items]
     engine = items[0][0].engine
-    with _batch_phase([env for env, _ in items], engine, "expand"):
-        samples = engine.decode_groups(requests, owners if any(o is not None for o in owners) else None)
+    samples: list = []
+    if requests:
+        with _batch_phase([env for env, _ in items], engine, "expand"):
+            samples = engine.decode_groups(requests, owners if any(o is not None for o in owners) else None)
     out: list[list[tuple[list[tuple[Tokens, float]], Tokens]]] = [[] for _ in items]
     it = iter(samples)
     k = 0
     for i, (env, jobs) in enumerate(items):
-        for _ in jobs:
-            env_, answer, length, n, attempts, nrows, has_rollout = plan[k]
+        for answer, _, n, attempts in jobs:
+            length, nrows, has_rollout = plan[k]
             k += 1
             rows = next(it) if nrows else []
             rollout = tuple(rows[-1].tokens) if has_rollout else ()
