@@ -253,3 +253,16 @@ def test_selfeval_report_has_auc(tmp_path):
     scores = result["tasks"]["selfeval"]["selfeval"]["scores"]
     assert scores["auc_good_first"]["mean"] == pytest.approx(6 / 9)  # 0.8 and 0.6 beat all three; 0.2 none
     assert "auc_mean" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_same_prompts_by_two_models_are_two_rows(tmp_path):
+    """Results of two models on the same ids are not duplicates: each model's method is a row."""
+    a = write(tmp_path / "a.jsonl", [record("advbench", str(i), "vanilla", {"jailbroken": 1.0}, model="small")
+                                     for i in range(3)])
+    b = write(tmp_path / "b.jsonl", [record("advbench", str(i), "vanilla", {"jailbroken": float(i == 0)},
+                                            model="large") for i in range(3)])
+    out = write_report([a, b], tmp_path / "out")
+    assert out["records"] == 6 and out["duplicates"] == 0
+    rows = out["tasks"]["advbench"]
+    assert rows["vanilla [small]"]["scores"]["jailbroken"]["mean"] == 1.0
+    assert rows["vanilla [large]"]["scores"]["jailbroken"]["mean"] == pytest.approx(1 / 3)

@@ -140,17 +140,17 @@ def estimate_quantity(values: list[float]) -> Estimate | None:
 
 
 def load(paths: list[str | Path]) -> tuple[list[Record], int]:
-    """The records of all files, one per (task, id, method) with the last read winning; also how many
-    duplicates were dropped."""
+    """The records of all files, one per (task, id, method, model) with the last read winning; also how
+    many duplicates were dropped."""
     if not paths:
         raise RainError("no results files given")
-    latest: dict[tuple[str, str, str], Record] = {}
+    latest: dict[tuple[str, str, str, str], Record] = {}
     read = 0
     for path in paths:
         for rec in read_records(path):
             check_record(rec, path)
             read += 1
-            key = (rec.task, str(rec.id), rec.method)
+            key = (rec.task, str(rec.id), rec.method, rec.model or "")
             latest.pop(key, None)  # re-insert so the order follows the winning copy
             latest[key] = rec
     if not latest:
@@ -217,10 +217,15 @@ def ordered_keys(keys: list[str]) -> list[str]:
 
 
 def summarise(records: list[Record]) -> dict[str, TaskSummary]:
-    """Group by task then method (both in order of first appearance) and estimate every column."""
+    """Group by task then method (both in order of first appearance) and estimate every column. Where
+    a task holds results of several models, each model's methods are rows of their own ("rain [model]")."""
+    models: dict[str, set[str]] = {}
+    for rec in records:
+        models.setdefault(rec.task, set()).add(rec.model or "")
     grouped: dict[str, dict[str, list[Record]]] = {}
     for rec in records:
-        grouped.setdefault(rec.task, {}).setdefault(rec.method, []).append(rec)
+        row = f"{rec.method} [{rec.model}]" if len(models[rec.task]) > 1 else rec.method
+        grouped.setdefault(rec.task, {}).setdefault(row, []).append(rec)
     out = {}
     for task, by_method in grouped.items():
         task_records = [r for recs in by_method.values() for r in recs]
