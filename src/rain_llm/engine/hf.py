@@ -492,6 +492,8 @@ class HFEngine:
                       owners: Sequence[Counters | None] | None = None) -> list[list[Sample]]:
         """`decode_rows` for several contexts in one batch: each request is (context, rows,
         uniforms or None). `owners[i]` (optional) is also charged request i's work."""
+        if not requests or any(not context for context, _, _ in requests):
+            raise RainError("empty context: nothing to condition on")
         if len(requests) > 1 and not self.reuse_cache:  # no prefix tree to gather from: one at a time
             return [self.decode_groups([req], [owners[i]] if owners else None)[0] for i, req in enumerate(requests)]
         all_rows = [row for _, rows, _ in requests for row in rows]
