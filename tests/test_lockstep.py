@@ -109,3 +109,15 @@ def test_compute_budget_is_per_answer_in_lockstep(rain):
         assert len(b.token_ids) == len(a.token_ids)  # finished by plain decoding either way
         # padding in a batch is charged to its rows, so a batched answer may stop a little earlier
         assert b.stats["iterations"] >= 0.6 * a.stats["iterations"]
+
+
+@pytest.mark.parametrize("value", ["judge", "vader"])
+def test_lockstep_with_other_values_equals_one_by_one(rain, default_model_dir, value):
+    """A separate judge model (scored in batches on its own engine) and a lexicon value (no model)
+    steer lockstep searches exactly as they steer one search at a time."""
+    config = cfg(value=f"judge:{default_model_dir}" if value == "judge" else "vader", value_mode="mean")
+    alone = [rain.generate(p, config) for p in PROMPTS]
+    together = rain.generate_many(PROMPTS, config)
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    if value == "judge":  # the judge's work is counted, per answer and for the batch
+        assert all(g.stats["compute"]["evaluate"]["tokens"] > 0 for g in together)
