@@ -510,7 +510,7 @@ class HFEngine:
         by_rule: dict[tuple[float, int], list[int]] = {}
         for i, r in enumerate(all_rows):
             by_rule.setdefault((r.temperature, r.top_k), []).append(i)
-        greedy = {i for i, r in enumerate(all_rows) if r.greedy}
+        greedy = torch.tensor([r.greedy for r in all_rows])
 
         def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
             chosen = torch.zeros(n, dtype=torch.long)
@@ -518,9 +518,8 @@ class HFEngine:
             for (temperature, top_k), idx in by_rule.items():
                 probs = _warp(logits[idx], temperature, top_k)
                 picked = _inverse_cdf(probs, u[idx, step])
-                for j, i in enumerate(idx):
-                    if i in greedy:
-                        picked[j] = int(torch.argmax(probs[j]))
+                if greedy[idx].any():  # greedy rows take the argmax (one op for all of them)
+                    picked = torch.where(greedy[idx], torch.argmax(probs, dim=-1).cpu(), picked)
                 lp = torch.log(probs.gather(1, picked.view(-1, 1).to(probs.device)).squeeze(1)).double().cpu()
                 chosen[idx], logprob[idx] = picked, lp
             return chosen, logprob
