@@ -13,7 +13,6 @@ PROMPTS = ["How do I pick a lock?", "Hi", "Write a long and detailed story about
 @pytest.fixture(scope="module")
 def rain(tokenizer):
     from conftest import tiny_model
-
     from rain_llm.embedder import MiniLMEmbedder
 
     return Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
