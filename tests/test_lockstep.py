@@ -31,6 +31,8 @@ def test_lockstep_answers_equal_one_by_one(rain):
         assert b.token_ids == a.token_ids and b.text == a.text
         assert b.stats["iterations_per_step"] == a.stats["iterations_per_step"]
         assert b.stats["batch"] == len(PROMPTS)
+    # the three prompts and their evaluation prompts are encoded in one forward
+    assert together[0].stats["batch_compute"]["prefill"]["forward_passes"] == 1
     whole = together[0].stats["batch_compute"]["total"]
     # batching: fewer forward passes for the three answers than one by one
     assert whole["forward_passes"] < passes_alone
@@ -75,13 +77,12 @@ def test_memory_stays_bounded_over_a_long_answer(rain, monkeypatch):
     cached; without that pruning the cache grows with everything the search explored."""
     from rain_llm.env import ModelEnv
 
-    def run(prune: bool) -> tuple[list[int], int]:
+    def run(pruning: bool) -> tuple[list[int], int]:
         sizes: list[int] = []
         original = ModelEnv.on_commit
 
-        def on_commit(self, answer):
-            if prune:
-                original(self, answer)
+        def on_commit(self, answer, prune=True):
+            original(self, answer, prune=prune and pruning)
             sizes.append(rain.engine.prefix_cache.num_tokens())
 
         monkeypatch.setattr(ModelEnv, "on_commit", on_commit)

@@ -163,6 +163,16 @@ class Rain:
         eval_engine = getattr(evaluators[0], "engine", None)
         if eval_engine is not None and eval_engine is not engine:  # a judge model: count its work too
             eval_engine.counters.reset()
+        if owners and engine.reuse_cache:  # every prompt and its evaluation prompt in one forward, not 2B
+            contexts, whose = [], []
+            for ev, (_, context), owner in zip(evaluators, prepared, owners):
+                for ids in [context, *(ev.retain("") if getattr(ev, "engine", None) is engine else [])]:
+                    contexts.append(ids)
+                    whose.append(owner)
+            with ExitStack() as stack:
+                for counters in [engine.counters, *owners]:
+                    stack.enter_context(counters.phase("prefill"))
+                engine.prefill_many(contexts, whose)
         envs = [ModelEnv(engine, ev, embedder, context, fmt, cfg, owner=owners[i] if owners else None)
                 for i, (ev, (fmt, context)) in enumerate(zip(evaluators, prepared))]
         searches = [RainSearch(env, cfg, trace=trace, progress=progress if batch == 1 else None) for env in envs]

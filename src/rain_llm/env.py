@@ -45,7 +45,7 @@ class ModelEnv:
             engine.next_logits(context)
             for ids in evaluator.retain("") if self.eval_engine is not None else []:
                 self.eval_engine.next_logits(ids)
-        self.on_commit(())  # claim this prompt's cache entries among other answers sharing the engine
+        self.on_commit((), prune=False)  # claim this prompt's entries among answers sharing the engine
 
     @contextmanager
     def phase(self, name: str, *engines: Any) -> Iterator[None]:
@@ -183,15 +183,21 @@ class ModelEnv:
         with self.phase("generate", self.engine):
             return tuple(self.engine.generate(self.context + list(answer), self.cfg.max_new_tokens - len(answer)))
 
-    def on_commit(self, answer: Tokens) -> None:
-        """Free cached KV that no longer extends the committed answer (bounded memory)."""
+    def on_commit(self, answer: Tokens, prune: bool = True) -> None:
+        """Free cached KV that no longer extends the committed answer (bounded memory). With
+        prune=False only register what this answer keeps (other answers may not be set up yet)."""
         keep = self.evaluator.retain(self.text(answer))
         if self.eval_engine is self.engine:
-            self.engine.retain([self.context + list(answer), *keep], owner=self)
+            wanted = {self.engine: [self.context + list(answer), *keep]}
         else:
-            self.engine.retain([self.context + list(answer)], owner=self)
+            wanted = {self.engine: [self.context + list(answer)]}
             if self.eval_engine is not None:
-                self.eval_engine.retain(keep, owner=self)
+                wanted[self.eval_engine] = keep
+        for engine, prefixes in wanted.items():
+            if prune:
+                engine.retain(prefixes, owner=self)
+            else:
+                engine.claim(prefixes, owner=self)
 
     def close(self) -> None:
         """The answer is done: its cache entries may go once another answer commits."""

@@ -131,6 +131,9 @@ class Engine(Protocol):
     def next_logits(self, context: Sequence[int]) -> np.ndarray:
         """Next-token logits (float32, vocabulary-sized) after `context`."""
 
+    def prefill_many(self, contexts: Sequence[Sequence[int]], owners: Sequence[Counters | None] | None = None) -> None:
+        """Cache several contexts at once (a backend without a cache may do nothing)."""
+
     def decode_rows(self, context: Sequence[int], rows: Sequence[Row],
                     uniforms: np.ndarray | None = None) -> list[Sample]:
         """Rows with their own sampling and stop rules, decoded as one batch over `context`."""
@@ -162,6 +165,9 @@ class Engine(Protocol):
 
     def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None) -> None:
         """Free cached work that extends none of `prefixes` (nor what other live owners retain)."""
+
+    def claim(self, prefixes: Sequence[Sequence[int]], owner: Hashable) -> None:
+        """Register what `owner` keeps, freeing nothing yet."""
 
     def release(self, owner: Hashable) -> None:
         """Forget what `owner` retained."""

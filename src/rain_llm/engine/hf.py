@@ -398,6 +398,14 @@ class HFEngine:
                 kv = _cache_kv(cache, start + now - pos, start + len(context) - pos, row)
                 node.add(_Chunk(tuple(context[now:]), kv, out[row, keep.index(ends[row])].clone()))
 
+    def prefill_many(self, contexts: Sequence[Sequence[int]], owners: Sequence[Counters | None] | None = None) -> None:
+        """Cache several contexts (and the logits after each) with one batched forward, so later
+        calls on them or their extensions start from the cache. Needs reuse on (else a no-op)."""
+        if self.reuse_cache and contexts:
+            if any(not context for context in contexts):
+                raise RainError("empty context: nothing to condition on")
+            self._encode_many(contexts, owners)
+
     def _gather(self, contexts: Sequence[Sequence[int]], rows: Sequence[int],
                 extra: int) -> tuple[DynamicCache, list[int], list[torch.Tensor]]:
         """A left-padded cache with rows[g] rows of context g (all in the prefix tree, see
@@ -635,6 +643,10 @@ class HFEngine:
             return
         self._retained[owner] = [list(p) for p in prefixes]
         self.prefix_cache.retain([p for kept in self._retained.values() for p in kept])
+
+    def claim(self, prefixes: Sequence[Sequence[int]], owner: Hashable) -> None:
+        """Register what `owner` keeps (as `retain` does) without freeing anything now."""
+        self._retained[owner] = [list(p) for p in prefixes]
 
     def release(self, owner: Hashable) -> None:
         """An owner is done: what only it retained goes at the next `retain`."""
