@@ -180,22 +180,16 @@ class Rain:
         for env in envs:
             env.close()
         seconds = time.perf_counter() - start
-        if owners:  # the whole batch's work, once (each answer's compute holds its own share)
-            whole = Counters()
-            for counters in (engine.counters, embedder.counters, eval_engine.counters if eval_engine not in
-                             (None, engine) else None):
-                if counters is not None:
-                    whole.merge(counters)
+        whole = Counters()  # all the work: policy model, embedder and judge model (each once)
+        for model in {id(m): m for m in (engine, embedder, eval_engine) if m is not None}.values():
+            whole.merge(model.counters)
+        if owners:  # each answer's compute holds its own share; least work is per answer
             whole.least.tokens = sum(o.least.tokens for o in owners)
+        else:
+            whole.least = engine.counters.least
         out = []
         for i, (env, result, (fmt, _)) in enumerate(zip(envs, results, prepared)):
-            if owners:
-                compute = owners[i]
-            else:
-                compute = engine.counters
-                compute.merge(embedder.counters)
-                if eval_engine is not None and eval_engine is not engine:
-                    compute.merge(eval_engine.counters)
+            compute = owners[i] if owners else whole
             gen = self._rain_generation(env, result, fmt, cfg, compute, seconds if batch == 1 else result.seconds,
                                         trace, batch)
             if owners:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import RainConfig
 from .embedder import MiniLMEmbedder
-from .engine.base import Counters, Engine, Row, Sample
+from .engine.base import Counters, Engine, PhaseCount, Row, Sample, split
 from .prompts import PromptFormat
 from .search import Tokens
 from .values import Evaluator
@@ -74,10 +74,7 @@ class ModelEnv:
         if length == 1 or rollout_row is None:
             candidates = self.propose(answer, length, n, attempts)
             return candidates, self.rollout(answer) if rollout_row is not None else ()
-        cfg = self.cfg
-        rows = [Row(length, cfg.temperature, cfg.top_k, greedy=True)]
-        rows += [Row(length, cfg.temperature, cfg.top_k) for _ in range(attempts)]
-        rows.append(rollout_row)
+        rows = self._candidate_rows(length, attempts) + [rollout_row]
         with self.phase("expand"):
             samples = self.engine.decode_rows(self.context + list(answer), rows, self.uniforms(rows))
         return self._candidates(samples[:-1], n), tuple(samples[-1].tokens)
@@ -93,9 +90,14 @@ class ModelEnv:
                 p = np.exp(logits[top] - logits[top].max())
                 p /= p.sum()
                 return [((int(t),), float(pt)) for t, pt in zip(top, p)]
-            rows = [Row(length, cfg.temperature, cfg.top_k, greedy=i == 0) for i in range(1 + attempts)]
+            rows = self._candidate_rows(length, attempts)
             samples = self.engine.decode_rows(ctx, rows, self.uniforms(rows))
         return self._candidates(samples, n)
+
+    def _candidate_rows(self, length: int, attempts: int) -> list[Row]:
+        """The greedy token set, then `attempts` sampled ones (temperature, top-k)."""
+        cfg = self.cfg
+        return [Row(length, cfg.temperature, cfg.top_k, greedy=i == 0) for i in range(1 + attempts)]
 
     def uniforms(self, rows: Sequence[Row]) -> np.ndarray:
         """Uniforms for the rows' inverse-CDF sampling, from this answer's stream."""
@@ -149,18 +151,7 @@ class ModelEnv:
         return v
 
     def embed(self, spans: Sequence[Tokens]) -> np.ndarray:
-        counters = self.embedder.counters
-        before = counters.phases.get("embed")
-        passes, tokens = (before.forward_passes, before.tokens) if before else (0, 0)
-        with counters.phase("embed"):
-            out = self.embedder.embed([self.engine.decode(s) for s in spans])
-        if self.owner is not None:  # the embedder is not shared within a call: charge the difference
-            after = counters.phases["embed"]
-            with self.owner.phase("embed"):
-                mine = self.owner.phases.setdefault("embed", type(after)())
-                mine.forward_passes += after.forward_passes - passes
-                mine.tokens += after.tokens - tokens
-        return out
+        return embed_many([(self, list(spans))])[0]
 
     def is_terminal(self, answer: Tokens) -> bool:
         if len(answer) >= self.cfg.max_new_tokens:
@@ -224,10 +215,7 @@ def expand_many(items: list[tuple[ModelEnv, list[Job]]]) -> list[list[tuple[list
     for env, jobs in items:
         for answer, length, _, attempts in jobs:
             length = env._clip(answer, length)
-            rows = []
-            if length > 1:
-                rows += [Row(length, env.cfg.temperature, env.cfg.top_k, greedy=True)]
-                rows += [Row(length, env.cfg.temperature, env.cfg.top_k) for _ in range(attempts)]
+            rows = env._candidate_rows(length, attempts) if length > 1 else []
             rollout_row = env._rollout_row(answer)
             if rollout_row is not None:
                 rows.append(rollout_row)
@@ -270,15 +258,12 @@ def embed_many(items: list[tuple[ModelEnv, list[Tokens]]]) -> list[np.ndarray]:
     with _batch_phase([env for env, _ in items], embedder, "embed"):
         vectors = embedder.embed(texts)
     width = (counters.phases["embed"].tokens - tokens_before) // max(len(texts), 1)
-    out, start = [], 0
     for env, spans in items:
-        out.append(vectors[start:start + len(spans)])
-        start += len(spans)
-        if env.owner is not None:
-            mine = env.owner.phases.setdefault("embed", type(counters.phases["embed"])())
+        if env.owner is not None and spans:
+            mine = env.owner.phases.setdefault("embed", PhaseCount())
             mine.forward_passes += 1
             mine.tokens += len(spans) * width
-    return out
+    return split(vectors, [len(spans) for _, spans in items])
 
 
 @contextmanager

@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 PHASES = ("prefill", "expand", "simulate", "evaluate", "embed", "generate")
 
 
@@ -96,6 +97,15 @@ class Counters:
         if self.least.tokens:
             out["least_work"] = {"tokens": self.least.tokens}
         return out
+
+
+def split(items: Sequence[T], sizes: Sequence[int]) -> list[Sequence[T]]:
+    """Consecutive slices of `items` of the given sizes (a batch's rows back to their requests)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(items[start:start + size])
+        start += size
+    return out
 
 
 @dataclass

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import RainError
-from .base import Counters, Row, Sample
+from .base import Counters, Row, Sample, split
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, len, dim]
 
@@ -168,25 +168,13 @@ class _BufferLayer(DynamicLayer):
 
 def _buffer_cache(segments: list[KV], rows: int, capacity: int) -> DynamicCache | None:
     """A cache of `rows` identical rows holding the concatenated segments, room for `capacity`."""
-    if not segments:
-        return None
-    layers = []
-    for layer in range(len(segments[0])):
-        k0 = segments[0][layer][0]
-        shape = (rows, k0.shape[1], capacity, k0.shape[3])
-        kbuf = torch.empty(shape, dtype=k0.dtype, device=k0.device)
-        vshape = (rows, segments[0][layer][1].shape[1], capacity, segments[0][layer][1].shape[3])
-        vbuf = torch.empty(vshape, dtype=k0.dtype, device=k0.device)
-        # one concatenation and one copy per layer: few kernel launches however long the path
-        keys = torch.cat([seg[layer][0] for seg in segments], dim=2) if len(segments) > 1 else segments[0][layer][0]
-        values = torch.cat([seg[layer][1] for seg in segments], dim=2) if len(segments) > 1 else segments[0][layer][1]
-        pos = keys.shape[-2]
-        kbuf[:, :, :pos] = keys
-        vbuf[:, :, :pos] = values
-        layers.append(_BufferLayer(kbuf, vbuf, pos))
-    cache = DynamicCache()
-    cache.layers = layers
-    return cache
+    return _padded_cache([segments], [rows], capacity)[0] if segments else None
+
+
+def _concat(segments: list[KV], layer: int, which: int) -> torch.Tensor:
+    """One layer's keys (which = 0) or values (1) of consecutive segments, as one tensor."""
+    parts = [seg[layer][which] for seg in segments]
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def _select_rows(cache: DynamicCache, rows: list[int]) -> None:
@@ -201,21 +189,23 @@ def _select_rows(cache: DynamicCache, rows: list[int]) -> None:
 def _padded_cache(segments: list[list[KV]], rows: list[int], capacity: int) -> tuple[DynamicCache, list[int]]:
     """A cache for several contexts at once: group g's concatenated `segments[g]` fills `rows[g]`
     batch rows, left-padded with zeros so every context ends at the same column. Returns the
-    cache and each batch row's padding (masked out by the caller's attention mask)."""
+    cache and each batch row's padding (masked out by the caller's attention mask). One
+    concatenation and one copy per group and layer: few kernel launches however long the path."""
     lengths = [sum(kv[0][0].shape[-2] for kv in segs) for segs in segments]
     width = max(lengths)
     pads = [width - n for n, r in zip(lengths, rows) for _ in range(r)]
+    alloc = torch.zeros if any(pads) else torch.empty  # only padding must be finite (it is masked, not skipped)
     first = next(segs[0] for segs in segments if segs)
     layers = []
     for layer in range(len(first)):
         k0, v0 = first[layer]
-        kbuf = torch.zeros((len(pads), k0.shape[1], capacity, k0.shape[3]), dtype=k0.dtype, device=k0.device)
-        vbuf = torch.zeros((len(pads), v0.shape[1], capacity, v0.shape[3]), dtype=v0.dtype, device=v0.device)
+        kbuf = alloc((len(pads), k0.shape[1], capacity, k0.shape[3]), dtype=k0.dtype, device=k0.device)
+        vbuf = alloc((len(pads), v0.shape[1], capacity, v0.shape[3]), dtype=v0.dtype, device=v0.device)
         row = 0
         for segs, n, r in zip(segments, lengths, rows):
             if segs:
-                kbuf[row:row + r, :, width - n:width] = torch.cat([seg[layer][0] for seg in segs], dim=2)
-                vbuf[row:row + r, :, width - n:width] = torch.cat([seg[layer][1] for seg in segs], dim=2)
+                kbuf[row:row + r, :, width - n:width] = _concat(segs, layer, 0)
+                vbuf[row:row + r, :, width - n:width] = _concat(segs, layer, 1)
             row += r
         layers.append(_BufferLayer(kbuf, vbuf, width))
     cache = DynamicCache()
@@ -305,6 +295,12 @@ class HFEngine:
             logits = logits[:, index.to(logits.device)] if index is not None else logits[:, -keep:]
         return logits.float(), cache
 
+    def _asked(self, positions: Sequence[int], owner: Counters | None) -> None:
+        """Note token positions the caller asked about (least work), for the engine and the owner."""
+        self.counters.least.add(positions)
+        if owner is not None:
+            owner.least.add(positions)
+
     def _prefill(self, context: Sequence[int], rows: int, extra: int,
                  owner: Counters | None = None) -> tuple[DynamicCache, torch.Tensor, Any]:
         """Encode `context` (reusing cached prefixes) into a cache of `rows` rows with room for
@@ -313,9 +309,7 @@ class HFEngine:
         if not context:
             raise RainError("empty context: nothing to condition on")
         owner = owner if owner is not None else self.charge_to
-        self.counters.least.add(context)
-        if owner is not None:
-            owner.least.add(context)
+        self._asked(context, owner)
         if self.reuse_cache:
             path, node, pos, logits = self.prefix_cache.lookup(context)
         else:
@@ -442,9 +436,7 @@ class HFEngine:
             nodes: list[Any] = [node]
         else:
             for g, (context, _) in enumerate(groups):
-                self.counters.least.add(context)
-                if owners and owners[g] is not None:
-                    owners[g].least.add(context)
+                self._asked(context, owners[g] if owners else None)
             self._encode_many([c for c, _ in groups], owners)
             cache, pads, first = self._gather([c for c, _ in groups], [n for _, n in groups], length)
             start, nodes = max(len(c) for c, _ in groups), [None] * len(groups)
@@ -462,10 +454,7 @@ class HFEngine:
                 logprob[r] += lp_list[r]
                 if done(r, tokens[r]) or step == length - 1:
                     leaving.append((tokens[r][:-1], slot, last_logits[r], group_of[r]))
-                    fed = list(groups[group_of[r]][0]) + tokens[r][:-1]
-                    self.counters.least.add(fed)
-                    if row_owner and row_owner[r] is not None:
-                        row_owner[r].least.add(fed)
+                    self._asked(list(groups[group_of[r]][0]) + tokens[r][:-1], row_owner[r] if row_owner else None)
                 else:
                     still.append(slot)
             for g in sorted({leave[3] for leave in leaving}):
@@ -541,12 +530,7 @@ class HFEngine:
 
         groups = [(context, len(rows)) for context, rows, _ in requests]
         tokens, logprob = self._decode(groups, length, pick, done, owners)
-        samples = [Sample(t, lp) for t, lp in zip(tokens, logprob)]
-        out, start = [], 0
-        for _, rows, _ in requests:
-            out.append(samples[start:start + len(rows)])
-            start += len(rows)
-        return out
+        return split([Sample(t, lp) for t, lp in zip(tokens, logprob)], [len(rows) for _, rows, _ in requests])
 
     def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
                greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:
@@ -575,9 +559,7 @@ class HFEngine:
         else:
             path, node, pos = [], None, 0
         for suffix in suffixes:
-            self.counters.least.add(list(prefix) + list(suffix))
-            if owner is not None:
-                owner.least.add(list(prefix) + list(suffix))
+            self._asked(list(prefix) + list(suffix), owner)
         rest = list(prefix[pos:])
         if len(rest) > 2 * max(len(s) for s in suffixes):
             # a long uncached prefix: encode it once (batch 1) rather than once per row
@@ -611,9 +593,7 @@ class HFEngine:
             if not prefix or not all(suffixes):
                 raise RainError("evaluation prompt and its suffixes must not be empty")
             for suffix in suffixes:
-                self.counters.least.add(list(prefix) + list(suffix))
-                if owners and owners[i] is not None:
-                    owners[i].least.add(list(prefix) + list(suffix))
+                self._asked(list(prefix) + list(suffix), owners[i] if owners else None)
         prefixes = [prefix for prefix, _, _ in requests]
         self._encode_many(prefixes, owners)
         width = max(len(s) for _, suffixes, _ in requests for s in suffixes)
@@ -626,11 +606,8 @@ class HFEngine:
         logits, _ = self._forward(torch.tensor(padded), cache, keep=keep, pads=pads, owners=row_owners)
         last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
         probs = torch.softmax(last, dim=-1).cpu().numpy().astype(np.float64)
-        out, start = [], 0
-        for _, suffixes, option_ids in requests:
-            out.append(probs[start:start + len(suffixes)][:, list(option_ids)])
-            start += len(suffixes)
-        return out
+        blocks = split(probs, [len(suffixes) for _, suffixes, _ in requests])
+        return [block[:, list(option_ids)] for block, (_, _, option_ids) in zip(blocks, requests)]
 
     # ------------------------------------------------------------------ memory
     def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None) -> None:
