@@ -112,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="auto")
     _add_config_flags(bench)
 
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions) answering with RAIN")
+    srv.add_argument("--model", default=None, help="Hugging Face id, local folder or .gguf file (default: the "
+                     "bundled SmolLM2-135M-Instruct)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    srv.add_argument("--served-name", default=None, help="the model name clients send (default: --model, or "
+                     "'default')")
+    srv.add_argument("--max-batch", type=int, default=16, help="most requests answered at once, in lockstep")
+    srv.add_argument("--batch-window", type=float, default=0.05, metavar="SECONDS",
+                     help="how long the first queued request waits for others to join its batch")
+    srv.add_argument("--preset", default=None, help=f"named settings: {', '.join(PRESETS)}")
+    srv.add_argument("--config", default=None, help="TOML file of settings (requests may change search settings)")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--device-map", default=None)
+    _add_config_flags(srv)
+
     rep = sub.add_parser("report", help="tables, CSV and plots from rain eval results")
     rep.add_argument("results", nargs="+", help="results files (JSON lines)")
     rep.add_argument("--out", default="report", help="output folder (default ./report)")
@@ -266,6 +283,31 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve_command(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
+    cfg = load_config(args.preset, args.config, **overrides)
+    if not 0 <= args.port <= 65535:
+        raise RainError(f"invalid --port {args.port}: must be in 0..65535")
+    if args.max_batch < 1:
+        raise RainError(f"invalid --max-batch {args.max_batch}: must be at least 1")
+    if args.batch_window < 0:
+        raise RainError(f"invalid --batch-window {args.batch_window}: must not be negative")
+    if cfg.method == "rain":
+        load_template(cfg.template)  # fail before the model loads
+    from .server import RainServer, check_port
+
+    check_port(args.host, args.port)  # a busy port is reported before a large model loads, not after
+    from .api import Rain
+
+    rain = Rain.load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    server = RainServer(rain, cfg, host=args.host, port=args.port, model_name=args.served_name,
+                        max_batch=args.max_batch, batch_window=args.batch_window)
+    print(f"rain: serving {server.model_name!r} at {server.url} (POST /chat/completions; up to {args.max_batch} "
+          "requests in lockstep; Ctrl-C stops)", file=sys.stderr, flush=True)
+    server.serve_forever()
+    return 0
+
+
 def run_report_command(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -297,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_report_command(args)
         if args.command == "bench":
             return run_bench_command(args)
+        if args.command == "serve":
+            return run_serve_command(args)
     except RainError as err:
         print(f"rain: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,386 @@
+"""`rain serve`: an OpenAI-compatible HTTP server that answers with RAIN.
+
+    rain serve --port 8000                       # the bundled model, paper-hh settings
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hi"}],
+                                   max_tokens=32, extra_body={"rain": {"t_max": 10}})
+
+Requests that arrive together are answered together: one worker thread owns the model; it takes
+what is queued (up to `max_batch` requests, waiting at most `batch_window` seconds after the first)
+and hands each group of requests with the same settings to `Rain.generate_many`, whose searches run
+in lockstep with their forward passes batched across prompts. Each answer draws from its own random
+stream, so it is the same whether it was batched or not. A batch runs to its end; requests that
+arrive meanwhile form the next one (no joining a running batch yet).
+
+Standard library only (http.server): the handler threads parse and check, the worker computes.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .config import FIELD_NAMES, RainConfig
+from .errors import RainError
+from .evaluators import BUILTIN_TEMPLATES
+
+MAX_BODY_BYTES = 4 << 20
+# Settings that name files or models on the server's disk, or change how it computes: fixed by
+# whoever starts the server, not by a request.
+SERVER_ONLY_KEYS = frozenset({"value", "fewshot", "prompt_format", "eval_format", "reuse_cache"})
+# OpenAI parameters RAIN has no meaning for; refused (400) rather than silently ignored.
+UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None, "logit_bias": None,
+               "logprobs": False, "top_logprobs": None, "stop": None, "presence_penalty": 0, "frequency_penalty": 0,
+               "response_format": None}
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and a one-line message."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+@dataclass
+class Job:
+    """One chat request waiting for its answer."""
+
+    prompt: str
+    cfg: RainConfig
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    prompt_tokens: int = 0
+    error: RequestError | None = None
+
+
+def parse_chat_request(body: Any, base: RainConfig, model_name: str) -> tuple[str, RainConfig, bool]:
+    """A chat completions request -> (prompt, settings, stream). Raises RequestError naming the problem."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "malformed request: the body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        raise RequestError(400, "missing 'model'", param="model")
+    if model != model_name:
+        raise RequestError(404, f"model {model!r} not found: this server serves {model_name!r}", "not_found_error",
+                           "model")
+    prompt = _user_prompt(body.get("messages"))
+    for key, default in UNSUPPORTED.items():
+        if body.get(key, default) not in (default, None):
+            raise RequestError(400, f"'{key}' is not supported by RAIN", param=key)
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "'n' must be 1: one answer per request", param="n")
+    if body.get("top_p", 1) not in (1, 1.0, None):
+        raise RequestError(400, "'top_p' is not supported: RAIN samples candidates by top-k (rain.top_k)",
+                           param="top_p")
+    changes: dict[str, Any] = {}
+    rain = body.get("rain", {})
+    if not isinstance(rain, dict):
+        raise RequestError(400, "'rain' must be an object of RAIN settings", param="rain")
+    for key, value in rain.items():
+        if key not in FIELD_NAMES:
+            raise RequestError(400, f"unknown RAIN setting {key!r}", param="rain")
+        if key in SERVER_ONLY_KEYS:
+            flag = "--" + key.replace("_", "-")
+            raise RequestError(400, f"RAIN setting {key!r} is fixed by the server (rain serve {flag})", param="rain")
+        if key == "template" and value not in BUILTIN_TEMPLATES:
+            raise RequestError(400, f"template {value!r}: a request may name a built-in template only "
+                               f"({', '.join(BUILTIN_TEMPLATES)})", param="rain")
+        changes[key] = value
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        changes["max_new_tokens"] = limit
+    for key in ("seed", "temperature"):
+        if body.get(key) is not None:
+            changes[key] = body[key]
+    if changes.get("temperature") == 0 and changes.get("method", base.method) == "rain":
+        raise RequestError(400, "temperature=0: RAIN samples candidate token sets, give a positive temperature "
+                           "(or rain.method = vanilla for greedy decoding)", param="temperature")
+    try:
+        cfg = base.replace(**changes)
+    except RainError as err:
+        raise RequestError(400, str(err)) from None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "'stream' must be true or false", param="stream")
+    return prompt, cfg, stream
+
+
+def _user_prompt(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list", param="messages")
+    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
+        raise RequestError(400, "RAIN answers one user message: send messages=[{'role': 'user', 'content': ...}] "
+                           "(multi-turn and system messages are not supported yet)", param="messages")
+    content = messages[0].get("content")
+    if isinstance(content, list):  # content parts: text only
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise RequestError(400, "message content parts must be text", param="messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str) or not content.strip():
+        raise RequestError(400, "empty prompt: the user message has no text", param="messages")
+    return content
+
+
+class BatchingWorker(threading.Thread):
+    """Owns the model: answers queued jobs, those with equal settings together."""
+
+    def __init__(self, rain: Any, max_batch: int, batch_window: float, log: Any = sys.stderr):
+        super().__init__(name="rain-worker", daemon=True)
+        self.rain, self.max_batch, self.batch_window, self.log = rain, max_batch, batch_window, log
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.batches: list[int] = []  # sizes of the generate_many calls made (for logs and tests)
+
+    def submit(self, prompt: str, cfg: RainConfig) -> Job:
+        job = Job(prompt, cfg)
+        self.jobs.put(job)
+        return job
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            taken, stopping = [first], False
+            deadline = time.monotonic() + self.batch_window
+            while len(taken) < self.max_batch:
+                try:
+                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                taken.append(job)
+            groups: dict[str, list[Job]] = {}
+            for job in taken:
+                groups.setdefault(json.dumps(job.cfg.to_dict(), sort_keys=True), []).append(job)
+            for group in groups.values():
+                for i in range(0, len(group), self.max_batch):
+                    self._answer(group[i:i + self.max_batch])
+            if stopping:
+                return
+
+    def _answer(self, jobs: list[Job]) -> None:
+        start = time.perf_counter()
+        try:
+            outs = self.rain.generate_many([j.prompt for j in jobs], jobs[0].cfg)
+        except RainError as err:
+            if len(jobs) > 1:  # a bad prompt fails before any work: find it by answering one at a time
+                for job in jobs:
+                    self._answer([job])
+                return
+            jobs[0].error = RequestError(400, str(err))
+            jobs[0].done.set()
+            return
+        except Exception as err:  # a bug: the client gets one line, the server log the traceback
+            traceback.print_exc(file=self.log)
+            for job in jobs:
+                job.error = RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
+                job.done.set()
+            return
+        self.batches.append(len(jobs))
+        print(f"rain: answered {len(jobs)} request(s) ({jobs[0].cfg.method}) in "
+              f"{time.perf_counter() - start:.2f} s", file=self.log, flush=True)
+        for job, out in zip(jobs, outs):
+            job.result = out
+            job.prompt_tokens = len(self.rain.prepare(job.prompt, job.cfg)[1])  # the worker alone tokenizes
+            job.done.set()
+
+
+def chat_response(out: Any, model_name: str, prompt_tokens: int, stop_ids: frozenset[int],
+                  max_new_tokens: int) -> dict[str, Any]:
+    """An OpenAI chat.completion object; RAIN's own figures under the extra key 'rain'."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                     "finish_reason": finish_reason(out.token_ids, stop_ids, max_new_tokens), "logprobs": None}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(out.token_ids),
+                  "total_tokens": prompt_tokens + len(out.token_ids)},
+        "rain": {"method": out.method, "stats": out.stats},
+    }
+
+
+def finish_reason(token_ids: list[int], stop_ids: frozenset[int], max_new_tokens: int) -> str:
+    if token_ids and token_ids[-1] in stop_ids:
+        return "stop"
+    return "length" if len(token_ids) >= max_new_tokens else "stop"  # else: a transcript's turn ended
+
+
+def stream_chunks(response: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole answer as chat.completion.chunk events: role, content, then the finish reason."""
+    choice = response["choices"][0]
+    head = {"id": response["id"], "object": "chat.completion.chunk", "created": response["created"],
+            "model": response["model"]}
+    return [
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+        {**head, "choices": [{"index": 0, "delta": {"content": choice["message"]["content"]}, "finish_reason": None}]},
+        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
+         "usage": response["usage"], "rain": response["rain"]},
+    ]
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise RainError if (host, port) cannot be listened on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise RainError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise RainError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+class RainServer:
+    """The HTTP server and its worker. `start()` serves in a background thread; `serve_forever()`
+    in this one; `close()` stops both."""
+
+    def __init__(self, rain: Any, config: RainConfig, *, host: str = "127.0.0.1", port: int = 8000,
+                 model_name: str | None = None, max_batch: int = 16, batch_window: float = 0.05,
+                 log: Any = sys.stderr):
+        if max_batch < 1:
+            raise RainError(f"invalid max_batch {max_batch}: must be at least 1")
+        if batch_window < 0:
+            raise RainError(f"invalid batch_window {batch_window}: must not be negative")
+        self.rain, self.config = rain, config.validate()
+        self.model_name = model_name or rain.name
+        self.worker = BatchingWorker(rain, max_batch, batch_window, log)
+        self.log = log
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        except OSError as err:
+            raise RainError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> RainServer:
+        self.worker.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="rain-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.worker.start()
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.httpd.shutdown() if self._thread is not None else None
+        self.httpd.server_close()
+        self.worker.stop()
+
+    def __enter__(self) -> RainServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def answer_chat(self, body: Any) -> tuple[dict[str, Any], bool]:
+        prompt, cfg, stream = parse_chat_request(body, self.config, self.model_name)
+        job = self.worker.submit(prompt, cfg)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return chat_response(job.result, self.model_name, job.prompt_tokens, self.rain.engine.stop_ids,
+                             cfg.max_new_tokens), stream
+
+
+def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # one line per request, on the server's log
+            print(f"rain: {self.address_string()} {fmt % args}", file=server.log, flush=True)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            if path == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": server.model_name, "object": "model",
+                                                             "created": 0, "owned_by": "rain-llm"}]})
+            elif path in ("/health", "/v1/health"):
+                self._json(200, {"status": "ok"})
+            else:
+                self._error(RequestError(404, f"no such endpoint: GET {path}", "not_found_error"))
+
+        def do_POST(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            try:
+                if path != "/v1/chat/completions":
+                    raise RequestError(404, f"no such endpoint: POST {path} (this server has /v1/chat/completions)",
+                                       "not_found_error")
+                body = self._body()
+                response, stream = server.answer_chat(body)
+            except RequestError as err:
+                self._error(err)
+                return
+            if stream:
+                self._stream(response)
+            else:
+                self._json(200, response)
+
+        def _body(self) -> Any:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise RequestError(400, "malformed request: bad Content-Length") from None
+            if length > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
+            raw = self.rfile.read(length) if length else b""
+            try:
+                return json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(400, f"malformed request: the body is not valid JSON ({err})") from None
+
+        def _json(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, err: RequestError) -> None:
+            self._json(err.status, {"error": {"message": err.message, "type": err.kind, "param": err.param,
+                                              "code": None}})
+
+        def _stream(self, response: dict[str, Any]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for chunk in stream_chunks(response):
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            self.close_connection = True
+
+    return Handler

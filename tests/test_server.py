@@ -1,0 +1,196 @@
+"""`rain serve` against the official `openai` client: answers equal `Rain.generate`'s, requests
+that arrive together are answered in one lockstep batch, and every bad request gets a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from rain_llm import Rain, load_config
+from rain_llm.cli import main
+from rain_llm.server import RainServer
+
+PROMPTS = ["How do I pick a lock?", "Hi", "Write a story about a dragon."]
+SEARCH = {"t_max": 3, "t_min": 2, "max_rollout_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def rain(tokenizer):
+    from conftest import tiny_model
+    from rain_llm.embedder import MiniLMEmbedder
+
+    return Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
+
+
+@pytest.fixture()
+def server(rain):
+    log = open(os.devnull, "w")
+    with RainServer(rain, load_config("fast", max_new_tokens=8), port=0, batch_window=1.0, log=log) as srv:
+        yield srv
+    log.close()
+
+
+def client(srv: RainServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=300)
+
+
+def ask(srv: RainServer, prompt: str, **kw):
+    return client(srv).chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def concurrently(fn, n: int) -> list:
+    out: list = [None] * n
+
+    def go(i: int) -> None:
+        try:
+            out[i] = fn(i)
+        except Exception as err:  # surfaced by the assertions below
+            out[i] = err
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_concurrent_requests_are_one_lockstep_batch_with_the_same_answers(server, rain):
+    replies = concurrently(lambda i: ask(server, PROMPTS[i], max_tokens=8, seed=3, extra_body={"rain": SEARCH}),
+                           len(PROMPTS))
+    alone = [rain.generate(p, load_config("fast", max_new_tokens=8, seed=3, **SEARCH)) for p in PROMPTS]
+    assert server.worker.batches == [len(PROMPTS)]
+    for reply, gen, prompt in zip(replies, alone, PROMPTS):
+        assert not isinstance(reply, Exception), reply
+        assert reply.choices[0].message.content == gen.text
+        stats = reply.model_extra["rain"]["stats"]
+        assert stats["batch"] == len(PROMPTS) and stats["iterations_per_step"] == gen.stats["iterations_per_step"]
+        assert reply.usage.completion_tokens == len(gen.token_ids)
+        assert reply.usage.prompt_tokens == len(rain.prepare(prompt, load_config("fast"))[1])
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.model == "tiny"
+
+
+def test_different_settings_are_answered_in_separate_batches(server, rain):
+    methods = ["vanilla", "rain", "vanilla"]
+    replies = concurrently(lambda i: ask(server, PROMPTS[i], max_tokens=6, extra_body={"rain": {**SEARCH,
+                           "method": methods[i]}}), 3)
+    assert sorted(server.worker.batches) == [1, 2]
+    for reply, prompt, method in zip(replies, PROMPTS, methods):
+        expected = rain.generate(prompt, load_config("fast", max_new_tokens=6, method=method, **SEARCH))
+        assert reply.choices[0].message.content == expected.text
+        assert reply.model_extra["rain"]["method"] == method
+
+
+def test_stream_delivers_the_same_answer(server):
+    settings = {"max_tokens": 6, "extra_body": {"rain": {"method": "vanilla"}}}
+    whole = ask(server, "Hi", **settings)
+    chunks = list(ask(server, "Hi", stream=True, **settings))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 6
+
+
+def test_models_endpoint(server):
+    assert [m.id for m in client(server).models.list()] == ["tiny"]
+
+
+@pytest.mark.parametrize("kwargs, status, words", [
+    ({"messages": [{"role": "user", "content": "   "}]}, 400, "empty prompt"),
+    ({"model": "gpt-4"}, 404, "model 'gpt-4' not found"),
+    ({"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}]}, 400,
+     "one user message"),
+    ({"messages": []}, 400, "'messages' must be a non-empty list"),
+    ({"extra_body": {"rain": {"t_max": 0}}}, 400, "invalid config value t_max=0"),
+    ({"extra_body": {"rain": {"no_such_key": 1}}}, 400, "unknown RAIN setting 'no_such_key'"),
+    ({"extra_body": {"rain": {"value": "reward:/some/model"}}}, 400, "fixed by the server"),
+    ({"extra_body": {"rain": {"template": "/etc/passwd"}}}, 400, "built-in template only"),
+    ({"max_tokens": 0}, 400, "invalid config value max_new_tokens=0"),
+    ({"n": 2}, 400, "'n' must be 1"),
+    ({"stop": ["\n"]}, 400, "'stop' is not supported"),
+    ({"temperature": 0}, 400, "temperature=0"),
+    ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "prompt too long"),
+])
+def test_bad_requests_get_one_clear_error(server, kwargs, status, words):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **kwargs}
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(server).chat.completions.create(**request)
+    assert caught.value.status_code == status
+    message = caught.value.body["message"]
+    assert words in message and "\n" not in message and "Traceback" not in message
+
+
+def raw_post(srv: RainServer, path: str, data: bytes) -> tuple[int, dict]:
+    url = srv.url.removesuffix("/v1") + path
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_malformed_bodies_and_unknown_endpoints(server):
+    status, body = raw_post(server, "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["message"].startswith("malformed request: the body is not valid JSON")
+    status, body = raw_post(server, "/v1/chat/completions", b"[1, 2]")
+    assert status == 400 and "must be a JSON object" in body["error"]["message"]
+    status, body = raw_post(server, "/v1/completions", b"{}")
+    assert status == 404 and "/v1/chat/completions" in body["error"]["message"]
+
+
+def test_a_bad_prompt_does_not_fail_the_batch_it_arrived_with(server, rain):
+    prompts = ["Hi", "word " * 9000, "Why is the sky blue?"]
+    replies = concurrently(lambda i: ask(server, prompts[i], max_tokens=5, extra_body={"rain": {"method": "vanilla"}}),
+                           3)
+    assert isinstance(replies[1], openai.BadRequestError) and "prompt too long" in replies[1].body["message"]
+    for i in (0, 2):
+        expected = rain.generate(prompts[i], load_config("fast", max_new_tokens=5, method="vanilla"))
+        assert replies[i].choices[0].message.content == expected.text
+
+
+def test_cli_rejects_bad_server_settings(capsys):
+    for args, words in [(["--port", "70000"], "invalid --port 70000"), (["--max-batch", "0"], "invalid --max-batch"),
+                        (["--batch-window", "-1"], "invalid --batch-window"), (["--t-max", "0"], "t_max=0")]:
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("rain: error:") and words in err[0], err
+
+
+def test_cli_reports_a_busy_port_before_loading(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0], err
+
+
+def test_rain_serve_end_to_end_on_the_default_model(default_model_dir):
+    """The real command in its own process: ready line, one answer through the official client, Ctrl-C."""
+    proc = subprocess.Popen([sys.executable, "-m", "rain_llm.cli", "serve", "--port", "0", "--method", "vanilla",
+                             "--max-new-tokens", "6"], stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stderr.readline()
+        assert "serving 'default' at http://127.0.0.1:" in ready, ready
+        url = ready.split(" at ")[1].split()[0]
+        reply = openai.OpenAI(base_url=url, api_key="none", max_retries=0).chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "How do I pick a lock?"}])
+        expected = Rain.load().generate("How do I pick a lock?", load_config(max_new_tokens=6, method="vanilla"))
+        assert reply.choices[0].message.content == expected.text and reply.usage.completion_tokens == 6
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
