@@ -150,6 +150,19 @@ def test_retain_frees_other_branches_and_stays_correct(tiny, tokenizer, ctx):
     assert np.abs(eng.next_logits(keep) - full_logits(model, keep)).max() < TOL
 
 
+def test_retain_exact_keeps_a_prefix_but_not_what_extends_it(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    eng.sample(ctx, 4, 5, temperature=1.0, top_k=15, greedy_first=True)
+    head = ctx[:-2]  # ends inside the cached prompt chunk
+    eng.retain([head])  # a plain prefix keeps everything extending it
+    assert eng.prefix_cache.num_tokens() > len(ctx)
+    eng.retain([head], exact=True)
+    assert len(head) <= eng.prefix_cache.num_tokens() <= len(ctx)  # at most the chunk holding its end
+    assert eng.prefix_cache.lookup(head)[2] >= len(head) - 1  # all cached (the last token re-run for its logits)
+    assert np.abs(eng.next_logits(ctx) - full_logits(model, ctx)).max() < TOL
+
+
 def test_vanilla_generate_equals_transformers_greedy(tiny, tokenizer, ctx):
     _, model = tiny
     eng = make(model, tokenizer)

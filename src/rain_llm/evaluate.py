@@ -204,7 +204,7 @@ def selfeval_record(rain: Rain, ex: Example, cfg: RainConfig) -> tuple[dict[str,
     evaluator = rain.value_source(cfg).bind(ex.prompt)
     if not isinstance(evaluator, SelfEvaluator):
         raise RainError("selfeval measures the model's self-evaluation: use --value self")
-    evaluator.engine.retain([evaluator.constant_ids()])  # bounded memory: only the template stays cached
+    evaluator.engine.retain([evaluator.constant_ids()], exact=True)  # bounded memory: only the template stays cached
     pc = evaluator.probabilities(ex.meta["chosen"])
     pr = evaluator.probabilities(ex.meta["rejected"])
 

@@ -173,10 +173,12 @@ class Engine(Protocol):
     def generate(self, context: Sequence[int], max_tokens: int, *, temperature: float = 0.0) -> list[int]:
         """Plain decoding (greedy at temperature 0) until a stop token or `max_tokens`."""
 
-    def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None) -> None:
-        """Free cached work that extends none of `prefixes` (nor what other live owners retain)."""
+    def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None, *,
+               exact: bool = False) -> None:
+        """Free cached work that extends none of `prefixes` (nor what other live owners retain);
+        exact=True keeps the prefixes themselves, not what extends them."""
 
-    def claim(self, prefixes: Sequence[Sequence[int]], owner: Hashable) -> None:
+    def claim(self, prefixes: Sequence[Sequence[int]], owner: Hashable, *, exact: bool = False) -> None:
         """Register what `owner` keeps, freeing nothing yet."""
 
     def release(self, owner: Hashable) -> None:

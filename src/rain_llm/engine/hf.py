@@ -98,18 +98,19 @@ class PrefixCache:
             pos -= 1
         return path, node, pos, None
 
-    def retain(self, prefixes: Sequence[Sequence[int]]) -> None:
-        """Drop every branch that is compatible with none of `prefixes`."""
+    def retain(self, prefixes: Sequence[Sequence[int]], exact: Sequence[Sequence[int]] = ()) -> None:
+        """Drop every branch that is compatible with none of `prefixes` (a prefix keeps all that
+        extends it) and none of `exact` (kept themselves, not what extends them)."""
 
         def compatible(tokens: tuple[int, ...], offset: int, prefix: Sequence[int]) -> bool:
             overlap = prefix[offset:offset + len(tokens)]
             return tuple(overlap) == tokens[:len(overlap)]
 
-        def walk(node: _Chunk, offset: int, alive: list[Sequence[int]]) -> None:
+        def walk(node: _Chunk, offset: int, alive: list[tuple[Sequence[int], bool]]) -> None:
             for key in list(node.children):
                 kept = []
                 for c in node.children[key]:
-                    live = [p for p in alive if compatible(c.tokens, offset, p)]
+                    live = [(p, e) for p, e in alive if (not e or offset < len(p)) and compatible(c.tokens, offset, p)]
                     if live:
                         kept.append(c)
                         walk(c, offset + len(c.tokens), live)
@@ -118,7 +119,7 @@ class PrefixCache:
                 else:
                     del node.children[key]
 
-        walk(self.root, 0, list(prefixes))
+        walk(self.root, 0, [(p, False) for p in prefixes] + [(p, True) for p in exact])
 
     def clear(self) -> None:
         self.root = _Chunk((), None, None)
@@ -239,7 +240,7 @@ class HFEngine:
         self.reuse_cache = reuse_cache
         self.counters = Counters()
         self.prefix_cache = PrefixCache()
-        self._retained: dict[Hashable, list[list[int]]] = {}  # per owner (answers sharing the engine)
+        self._retained: dict[Hashable, list[tuple[list[int], bool]]] = {}  # per owner (answers sharing the engine)
         self.charge_to: Counters | None = None  # also charge work to these counters (one answer of several)
         self.context_window = context_window(model.config)
         self.device = model.get_input_embeddings().weight.device
@@ -610,20 +611,23 @@ class HFEngine:
         return [block[:, list(option_ids)] for block, (_, _, option_ids) in zip(blocks, requests)]
 
     # ------------------------------------------------------------------ memory
-    def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None) -> None:
-        """Free cached work that extends none of `prefixes`. With an `owner` (one of several
-        answers sharing this engine), `prefixes` replace that owner's earlier ones and what any
-        live owner retains is kept; without, only `prefixes` are kept and all owners forgotten."""
+    def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None, *,
+               exact: bool = False) -> None:
+        """Free cached work that extends none of `prefixes` (exact=True: keep the prefixes
+        themselves, not what extends them). With an `owner` (one of several answers sharing this
+        engine), `prefixes` replace that owner's earlier ones and what any live owner retains is
+        kept; without, only `prefixes` are kept and all owners forgotten."""
         if owner is None:
             self._retained.clear()
-            self.prefix_cache.retain(prefixes)
+            self.prefix_cache.retain([] if exact else prefixes, prefixes if exact else [])
             return
-        self._retained[owner] = [list(p) for p in prefixes]
-        self.prefix_cache.retain([p for kept in self._retained.values() for p in kept])
+        self.claim(prefixes, owner, exact=exact)
+        kept = [(p, e) for held in self._retained.values() for p, e in held]
+        self.prefix_cache.retain([p for p, e in kept if not e], [p for p, e in kept if e])
 
-    def claim(self, prefixes: Sequence[Sequence[int]], owner: Hashable) -> None:
+    def claim(self, prefixes: Sequence[Sequence[int]], owner: Hashable, *, exact: bool = False) -> None:
         """Register what `owner` keeps (as `retain` does) without freeing anything now."""
-        self._retained[owner] = [list(p) for p in prefixes]
+        self._retained[owner] = [(list(p), exact) for p in prefixes]
 
     def release(self, owner: Hashable) -> None:
         """An owner is done: what only it retained goes at the next `retain`."""
