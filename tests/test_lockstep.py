@@ -121,3 +121,45 @@ def test_lockstep_with_other_values_equals_one_by_one(rain, default_model_dir, v
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     if value == "judge":  # the judge's work is counted, per answer and for the batch
         assert all(g.stats["compute"]["evaluate"]["tokens"] > 0 for g in together)
+
+
+def test_answers_joining_a_running_batch_equal_answers_alone(rain):
+    """Continuous batching: answers added while others are mid-search, with different settings
+    and methods, come out as they do alone; each keeps its own compute; memory is freed."""
+    settings = {"a": (PROMPTS[0], cfg()), "b": (PROMPTS[1], cfg(t_max=4, seed=5)),
+                "c": (PROMPTS[2], cfg(method="vanilla", max_new_tokens=6)), "d": (PROMPTS[2], cfg(max_new_tokens=6))}
+    alone = {k: rain.generate(p, c) for k, (p, c) in settings.items()}
+    batch = rain.continuous_batch()
+    batch.add("a", *settings["a"])
+    out, rounds = {}, 0
+    while batch:
+        out.update(batch.step())
+        rounds += 1
+        if rounds == 2:  # "a" is mid-search: three more join
+            for k in "bcd":
+                batch.add(k, *settings[k])
+    assert set(out) == set(settings)
+    for k, gen in out.items():
+        assert gen.token_ids == alone[k].token_ids and gen.text == alone[k].text, k
+        assert gen.method == alone[k].method
+        if gen.method == "rain":
+            assert gen.stats["iterations_per_step"] == alone[k].stats["iterations_per_step"]
+            assert gen.stats["compute"]["evaluate"]["tokens"] > 0
+    assert out["b"].stats["batch"] >= 3  # it ran beside others
+    # nothing of the finished answers is kept but the evaluation template's constant part
+    constant = max(len(c) for c in batch.constants)
+    assert rain.engine.prefix_cache.num_tokens() <= constant + 1
+
+
+def test_continuous_batch_refuses_bad_input_without_starting(rain):
+    from rain_llm.errors import RainError
+
+    batch = rain.continuous_batch()
+    with pytest.raises(RainError, match="empty prompt"):
+        batch.add("x", "  ", cfg())
+    with pytest.raises(RainError, match="prompt too long"):
+        batch.add("x", "word " * 9000, cfg())
+    batch.add("x", "Hi", cfg(method="vanilla", max_new_tokens=3))
+    with pytest.raises(RainError, match="already in the batch"):
+        batch.add("x", "Hi", cfg())
+    assert len(batch) == 1 and list(batch.step()) == ["x"] and not batch

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -68,7 +69,6 @@ def test_concurrent_requests_are_one_lockstep_batch_with_the_same_answers(server
     replies = concurrently(lambda i: ask(server, PROMPTS[i], max_tokens=8, seed=3, extra_body={"rain": SEARCH}),
                            len(PROMPTS))
     alone = [rain.generate(p, load_config("fast", max_new_tokens=8, seed=3, **SEARCH)) for p in PROMPTS]
-    assert server.worker.batches == [len(PROMPTS)]
     for reply, gen, prompt in zip(replies, alone, PROMPTS):
         assert not isinstance(reply, Exception), reply
         assert reply.choices[0].message.content == gen.text
@@ -80,15 +80,38 @@ def test_concurrent_requests_are_one_lockstep_batch_with_the_same_answers(server
         assert reply.model == "tiny"
 
 
-def test_different_settings_are_answered_in_separate_batches(server, rain):
-    methods = ["vanilla", "rain", "vanilla"]
-    replies = concurrently(lambda i: ask(server, PROMPTS[i], max_tokens=6, extra_body={"rain": {**SEARCH,
-                           "method": methods[i]}}), 3)
-    assert sorted(server.worker.batches) == [1, 2]
-    for reply, prompt, method in zip(replies, PROMPTS, methods):
-        expected = rain.generate(prompt, load_config("fast", max_new_tokens=6, method=method, **SEARCH))
+def test_requests_with_different_settings_share_the_batch(server, rain):
+    settings = [{"method": "vanilla"}, SEARCH, {"method": "vanilla"}, {**SEARCH, "t_max": 4, "seed": 7}]
+    replies = concurrently(lambda i: ask(server, PROMPTS[i % 3], max_tokens=6, extra_body={"rain": settings[i]}), 4)
+    for i, reply in enumerate(replies):
+        expected = rain.generate(PROMPTS[i % 3], load_config("fast", max_new_tokens=6, **settings[i]))
         assert reply.choices[0].message.content == expected.text
-        assert reply.model_extra["rain"]["method"] == method
+        assert reply.model_extra["rain"]["method"] == expected.method
+    assert [r.model_extra["rain"]["stats"].get("batch", 1) for r in replies] == [4, 4, 4, 4]
+
+
+def test_a_request_joins_a_running_search_and_need_not_wait_for_it(server, rain):
+    """Continuous batching: a short vanilla request sent while a long RAIN search runs is answered
+    before that search ends, and the search's answer is unchanged."""
+    search = {**SEARCH, "t_max": 6, "t_min": 6, "value_threshold": 2.0}
+    long = {"max_tokens": 40, "extra_body": {"rain": search}}
+    finished: dict[str, float] = {}
+
+    def go(i: int):
+        if i == 0:
+            reply = ask(server, PROMPTS[2], **long)
+        else:
+            while not server.worker.in_flight:  # wait until the search is running
+                time.sleep(0.01)
+            reply = ask(server, "Hi", max_tokens=4, extra_body={"rain": {"method": "vanilla"}})
+        finished[str(i)] = time.monotonic()
+        return reply
+
+    replies = concurrently(go, 2)
+    assert finished["1"] < finished["0"]
+    expected = rain.generate(PROMPTS[2], load_config("fast", max_new_tokens=40, **search))
+    assert replies[0].choices[0].message.content == expected.text
+    assert replies[0].model_extra["rain"]["stats"]["batch"] == 2
 
 
 def test_stream_delivers_the_same_answer(server):

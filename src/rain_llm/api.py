@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ from .errors import RainError
 from .evaluators import SelfEvaluator, load_template
 from .models import load_model
 from .prompts import PromptFormat, chat_wrapper, has_chat_template, prompt_format
-from .search import ProgressFn, RainSearch, SearchResult, run_lockstep
+from .search import Lockstep, ProgressFn, RainSearch, SearchResult, run_lockstep
 from .values import CallableValue, ValueSource, build_value_source
 
 
@@ -94,6 +94,10 @@ class Rain:
                             f"exceed the model's context window of {window}")
         return fmt, context
 
+    def continuous_batch(self) -> ContinuousBatch:
+        """Answers that join and leave a running lockstep batch (see ContinuousBatch)."""
+        return ContinuousBatch(self)
+
     @property
     def embedder(self) -> MiniLMEmbedder:
         if self._embedder is None:  # loaded on first RAIN call: vanilla decoding never needs it
@@ -138,20 +142,18 @@ class Rain:
             seconds = time.perf_counter() - start
             out = []
             for i, ((fmt, _), (sample,)) in enumerate(zip(prepared, rows)):
-                tokens = sample.tokens
-                stats = {"committed_steps": len(tokens), "seconds": round(seconds, 3), "answer_tokens": len(tokens),
-                         "compute": (owners[i] if owners else engine.counters).to_dict()}
+                gen = self._vanilla_generation(sample.tokens, fmt, cfg, owners[i] if owners else engine.counters,
+                                               seconds, batch)
                 if owners:
-                    stats["batch"] = batch
-                    stats["batch_compute"] = engine.counters.to_dict()
-                out.append(Generation(fmt.clean(engine.decode(tokens)), tokens, "vanilla", stats, cfg.to_dict()))
+                    gen.stats["batch_compute"] = engine.counters.to_dict()
+                out.append(gen)
             return out
 
         source = self.value_source(cfg, value_fn)
         evaluators = [source.bind(p) for p in prompts]
         constant = self._check_evaluation(evaluators, cfg)
         if constant is not None:
-            engine.retain([constant])  # keep only the template's constant part from earlier prompts
+            engine.retain([constant], exact=True)  # keep only the template's constant part from earlier prompts
             cached = engine.reuse_cache and engine.prefix_cache.num_tokens() >= len(constant)
             for counters in [engine.counters, *(owners or [])]:
                 if cached:
@@ -210,6 +212,17 @@ class Rain:
                 constant = evaluator.constant_ids()
         return constant
 
+    def _vanilla_generation(self, tokens: list[int], fmt: PromptFormat, cfg: RainConfig, compute: Counters,
+                            seconds: float, batch: int) -> Generation:
+        stats = {"committed_steps": len(tokens), "seconds": round(seconds, 3), "answer_tokens": len(tokens),
+                 "compute": compute.to_dict()}
+        if batch > 1:
+            stats["batch"] = batch
+        return Generation(self._text(fmt, tokens), tokens, "vanilla", stats, cfg.to_dict())
+
+    def _text(self, fmt: PromptFormat, tokens: list[int]) -> str:
+        return fmt.clean(self.engine.decode(tokens))
+
     def _rain_generation(self, env: ModelEnv, result: SearchResult, fmt: PromptFormat, cfg: RainConfig,
                          compute: Counters, seconds: float, trace: bool, batch: int) -> Generation:
         engine = self.engine
@@ -237,7 +250,105 @@ class Rain:
             steps = [{"step": i, "iterations": r.iterations, "visits_before": r.visits_before,
                       "committed": list(r.committed), "committed_text": engine.decode(r.committed), "tree": r.tree}
                      for i, r in enumerate(result.steps)]
-        return Generation(fmt.clean(engine.decode(tokens)), tokens, "rain", stats, cfg.to_dict(), steps)
+        return Generation(self._text(fmt, tokens), tokens, "rain", stats, cfg.to_dict(), steps)
+
+
+Queued = tuple[Hashable, PromptFormat, list[int], RainConfig]  # a vanilla answer waiting: key, format, context
+
+
+class ContinuousBatch:
+    """Answers that join a running batch and leave it when done (continuous batching, what a
+    server needs). `add` starts an answer: a RAIN search joins the lockstep at once, a vanilla
+    answer is decoded with the other vanilla answers at the next `step`. `step` runs one round of
+    every live search, each kind of model call batched across them, and returns the answers that
+    finished. Answers may differ in settings (sampling rules travel per row). Each answer equals
+    `Rain.generate`'s: it draws from its own random stream and its compute is its own share.
+
+        batch = rain.continuous_batch()
+        batch.add("a", "How do I pick a lock?", cfg)
+        while batch:
+            for key, generation in batch.step().items(): ...
+            # add more at any time
+    """
+
+    def __init__(self, rain: Rain):
+        self.rain = rain
+        self.engine = rain.engine
+        self.lockstep = Lockstep(expand_many, value_many, embed_many)
+        self.live: dict[Hashable, tuple[ModelEnv, PromptFormat, RainConfig, Counters, list[int]]] = {}
+        self.queued: list[Queued] = []
+        self.done: dict[Hashable, Generation] = {}  # finished inside `add`, returned by the next step
+        self.constants: list[list[int]] = []  # the evaluation templates' constant parts: always kept cached
+
+    def __len__(self) -> int:
+        return len(self.live) + len(self.queued) + len(self.done)
+
+    def add(self, key: Hashable, prompt: str, config: RainConfig, *,
+            value_fn: ValueSource | Callable[[str, str], float] | None = None) -> None:
+        """Start answering `prompt`. Raises RainError (and starts nothing) for a bad prompt or setting."""
+        cfg = config.validate()
+        if key in self.live or any(k == key for k, *_ in self.queued) or key in self.done:
+            raise RainError(f"answer {key!r} is already in the batch")
+        engine = self.engine
+        if len(self) and cfg.reuse_cache != engine.reuse_cache:
+            raise RainError("reuse_cache must be the same for every answer of a running batch")
+        fmt, context = self.rain.prepare(prompt, cfg)
+        engine.reuse_cache = cfg.reuse_cache
+        if cfg.method == "vanilla":
+            self.queued.append((key, fmt, context, cfg))
+            return
+        evaluator = self.rain.value_source(cfg, value_fn).bind(prompt)
+        constant = self.rain._check_evaluation([evaluator], cfg)
+        owner = Counters()
+        if constant is not None:
+            path = engine.prefix_cache.lookup(constant)[2] if engine.reuse_cache else 0
+            if path >= len(constant):
+                owner.least.add(constant, count=False)  # cached already: no work for this answer
+            if constant not in self.constants:
+                self.constants.append(constant)
+                engine.claim(self.constants, owner=self, exact=True)
+        env = ModelEnv(engine, evaluator, self.rain.embedder, context, fmt, cfg, owner=owner)
+        peak = [len(self.live) + 1]
+        self.live[key] = (env, fmt, cfg, owner, peak)
+        result = self.lockstep.add(key, RainSearch(env, cfg))
+        if result is not None:
+            self.done[key] = self._finish(key, result)
+
+    def step(self) -> dict[Hashable, Generation]:
+        """One round of every live search (and the queued vanilla answers); the answers finished."""
+        engine, embedder = self.engine, self.rain._embedder
+        for counters in (engine.counters, *([embedder.counters] if embedder else [])):
+            counters.reset()  # each answer counts its own work; the shared counters must not grow forever
+        in_flight = len(self.live) + len(self.queued)
+        for key in self.live:  # the most answers this one ran beside (its stats' "batch")
+            self.live[key][4][0] = max(self.live[key][4][0], in_flight)
+        finished, self.done = self.done, {}
+        if self.queued:
+            finished.update(self._vanilla(self.queued, in_flight))
+            self.queued = []
+        for key, result in self.lockstep.round().items():
+            finished[key] = self._finish(key, result)
+        if finished and engine.reuse_cache:  # free what only finished answers kept
+            engine.retain(self.constants, owner=self, exact=True)
+        return finished
+
+    def _vanilla(self, queued: list[Queued], in_flight: int) -> dict[Hashable, Generation]:
+        engine = self.engine
+        owners = [Counters() for _ in queued]
+        start = time.perf_counter()
+        with ExitStack() as stack:
+            for counters in [engine.counters, *owners]:
+                stack.enter_context(counters.phase("generate"))
+            rows = engine.decode_groups([(context, [Row(cfg.max_new_tokens, 1.0, 0, greedy=True)], None)
+                                         for _, _, context, cfg in queued], owners)
+        seconds = time.perf_counter() - start
+        return {key: self.rain._vanilla_generation(sample.tokens, fmt, cfg, owner, seconds, in_flight)
+                for (key, fmt, _, cfg), (sample,), owner in zip(queued, rows, owners)}
+
+    def _finish(self, key: Hashable, result: SearchResult) -> Generation:
+        env, fmt, cfg, owner, peak = self.live.pop(key)
+        env.close()
+        return self.rain._rain_generation(env, result, fmt, cfg, owner, result.seconds, False, peak[0])
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -436,31 +436,62 @@ def run_lockstep(searches: Sequence[RainSearch], expand_many: ExpandMany | None 
     "embed" requests to `embed_many`, so a backend can batch them across prompts. A search that
     finishes leaves; the others go on. Without the batch functions each env answers its own
     requests (same results as `run`)."""
-    gens = [s.steps() for s in searches]
-    results: list[SearchResult | None] = [None] * len(searches)
-    pending: dict[int, Request] = {}
+    lockstep = Lockstep(expand_many, value_many, embed_many)
+    results: dict[Hashable, SearchResult] = {}
+    for i, search in enumerate(searches):
+        if (done := lockstep.add(i, search)) is not None:
+            results[i] = done
+    while lockstep:
+        results.update(lockstep.round())
+    return [results[i] for i in range(len(searches))]
 
-    def advance(i: int, reply: Any) -> None:
-        try:
-            pending[i] = gens[i].send(reply)
-        except StopIteration as stop:
-            results[i] = stop.value
-            pending.pop(i, None)
 
-    for i in range(len(searches)):
-        advance(i, None)
-    while pending:
-        for kind, many in (("expand", expand_many), ("value", value_many), ("embed", embed_many)):
-            ids = [i for i, (k, _) in pending.items() if k == kind]
-            if not ids:
+class Lockstep:
+    """Searches that run side by side and may join or leave between rounds (continuous
+    batching): `add` starts one, `round` answers every search's pending request, one batched
+    call per kind, and returns the searches that finished."""
+
+    def __init__(self, expand_many: ExpandMany | None = None, value_many: ValueMany | None = None,
+                 embed_many: EmbedMany | None = None):
+        self.batch_fns = (("expand", expand_many), ("value", value_many), ("embed", embed_many))
+        self.searches: dict[Hashable, RainSearch] = {}
+        self.gens: dict[Hashable, Generator[Request, Any, SearchResult]] = {}
+        self.pending: dict[Hashable, Request] = {}
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, key: Hashable, search: RainSearch) -> SearchResult | None:
+        """Start a search; its result at once if it needed no model call (else None)."""
+        if key in self.searches:
+            raise ValueError(f"search {key!r} is already running")
+        self.searches[key], self.gens[key] = search, search.steps()
+        return self._advance(key, None)
+
+    def round(self) -> dict[Hashable, SearchResult]:
+        finished: dict[Hashable, SearchResult] = {}
+        for kind, many in self.batch_fns:
+            keys = [k for k, (kk, _) in self.pending.items() if kk == kind]
+            if not keys:
                 continue
             if many is not None:
-                replies = many([(searches[i].env, pending[i][1]) for i in ids])
+                replies = many([(self.searches[k].env, self.pending[k][1]) for k in keys])
             else:
-                replies = [_drive_one(searches[i], kind, pending[i][1]) for i in ids]
-            for i, reply in zip(ids, replies):
-                advance(i, reply)
-    return results  # type: ignore[return-value]
+                replies = [_drive_one(self.searches[k], kind, self.pending[k][1]) for k in keys]
+            for k, reply in zip(keys, replies):
+                done = self._advance(k, reply)
+                if done is not None:
+                    finished[k] = done
+        return finished
+
+    def _advance(self, key: Hashable, reply: Any) -> SearchResult | None:
+        try:
+            self.pending[key] = self.gens[key].send(reply)
+            return None
+        except StopIteration as stop:
+            self.pending.pop(key, None)
+            del self.gens[key], self.searches[key]
+            return stop.value
 
 
 def _drive_one(search: RainSearch, kind: str, payload: list) -> Any:

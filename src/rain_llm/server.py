@@ -5,12 +5,12 @@
     client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hi"}],
                                    max_tokens=32, extra_body={"rain": {"t_max": 10}})
 
-Requests that arrive together are answered together: one worker thread owns the model; it takes
-what is queued (up to `max_batch` requests, waiting at most `batch_window` seconds after the first)
-and hands each group of requests with the same settings to `Rain.generate_many`, whose searches run
-in lockstep with their forward passes batched across prompts. Each answer draws from its own random
-stream, so it is the same whether it was batched or not. A batch runs to its end; requests that
-arrive meanwhile form the next one (no joining a running batch yet).
+Continuous batching: one worker thread owns the model and runs a `ContinuousBatch`. Between two
+rounds of the running searches, queued requests join (up to `max_batch` answers in flight), so each
+round's forward passes (expansions, evaluations, embeddings) are batched across every live request,
+and a request never waits for another to finish. When idle, the first request waits up to
+`batch_window` seconds for others to start with it. Each answer draws from its own random stream,
+so it is the same whether it was batched or not, and equals `Rain.generate`'s.
 
 Standard library only (http.server): the handler threads parse and check, the worker computes.
 """
@@ -50,7 +50,7 @@ class RequestError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a job is its own key in the batch
 class Job:
     """One chat request waiting for its answer."""
 
@@ -132,13 +132,14 @@ def _user_prompt(messages: Any) -> str:
 
 
 class BatchingWorker(threading.Thread):
-    """Owns the model: answers queued jobs, those with equal settings together."""
+    """Owns the model: runs a continuous batch that queued requests join between rounds."""
 
     def __init__(self, rain: Any, max_batch: int, batch_window: float, log: Any = sys.stderr):
         super().__init__(name="rain-worker", daemon=True)
         self.rain, self.max_batch, self.batch_window, self.log = rain, max_batch, batch_window, log
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the generate_many calls made (for logs and tests)
+        self.stopping = False
+        self.in_flight: set[Job] = set()
 
     def submit(self, prompt: str, cfg: RainConfig) -> Job:
         job = Job(prompt, cfg)
@@ -149,55 +150,66 @@ class BatchingWorker(threading.Thread):
         self.jobs.put(None)
 
     def run(self) -> None:
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            taken, stopping = [first], False
-            deadline = time.monotonic() + self.batch_window
-            while len(taken) < self.max_batch:
-                try:
-                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                taken.append(job)
-            groups: dict[str, list[Job]] = {}
-            for job in taken:
-                groups.setdefault(json.dumps(job.cfg.to_dict(), sort_keys=True), []).append(job)
-            for group in groups.values():
-                for i in range(0, len(group), self.max_batch):
-                    self._answer(group[i:i + self.max_batch])
-            if stopping:
-                return
+        batch = self.rain.continuous_batch()
+        while not (self.stopping and not batch):
+            if batch:  # busy: whoever is queued joins now, up to max_batch answers in flight
+                self._join(batch, self._take(self.max_batch - len(batch), wait=False))
+            else:  # idle: wait for a request, then briefly for others to start with it
+                self._join(batch, self._take(self.max_batch, wait=True))
+            if not batch:
+                continue
+            try:
+                finished = batch.step()
+            except Exception as err:  # a bug: the clients get one line, the server log the traceback
+                traceback.print_exc(file=self.log)
+                for job in self.in_flight:
+                    job.error = RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
+                    job.done.set()
+                self.in_flight.clear()
+                self.rain.engine.reset()
+                batch = self.rain.continuous_batch()
+                continue
+            for job, out in finished.items():
+                self.in_flight.discard(job)
+                job.result = out
+                job.prompt_tokens = len(self.rain.prepare(job.prompt, job.cfg)[1])  # the worker alone tokenizes
+                print(f"rain: answered a request ({out.method}, {len(out.token_ids)} tokens, "
+                      f"{out.stats['seconds']:.2f} s, alongside up to {out.stats.get('batch', 1) - 1} others)",
+                      file=self.log, flush=True)
+                job.done.set()
 
-    def _answer(self, jobs: list[Job]) -> None:
-        start = time.perf_counter()
-        try:
-            outs = self.rain.generate_many([j.prompt for j in jobs], jobs[0].cfg)
-        except RainError as err:
-            if len(jobs) > 1:  # a bad prompt fails before any work: find it by answering one at a time
-                for job in jobs:
-                    self._answer([job])
-                return
-            jobs[0].error = RequestError(400, str(err))
-            jobs[0].done.set()
-            return
-        except Exception as err:  # a bug: the client gets one line, the server log the traceback
-            traceback.print_exc(file=self.log)
-            for job in jobs:
+    def _take(self, most: int, wait: bool) -> list[Job]:
+        taken: list[Job] = []
+        deadline = None
+        while len(taken) < most and not self.stopping:
+            try:
+                if wait and deadline is None:
+                    job = self.jobs.get()
+                    deadline = time.monotonic() + self.batch_window
+                elif wait:
+                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.stopping = True
+            else:
+                taken.append(job)
+        return taken
+
+    def _join(self, batch: Any, jobs: list[Job]) -> None:
+        for job in jobs:
+            try:
+                batch.add(job, job.prompt, job.cfg)
+                self.in_flight.add(job)
+            except RainError as err:  # checked before any work: this request alone fails
+                job.error = RequestError(400, str(err))
+                job.done.set()
+            except Exception as err:  # a bug: this request fails, the server goes on
+                traceback.print_exc(file=self.log)
                 job.error = RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
                 job.done.set()
-            return
-        self.batches.append(len(jobs))
-        print(f"rain: answered {len(jobs)} request(s) ({jobs[0].cfg.method}) in "
-              f"{time.perf_counter() - start:.2f} s", file=self.log, flush=True)
-        for job, out in zip(jobs, outs):
-            job.result = out
-            job.prompt_tokens = len(self.rain.prepare(job.prompt, job.cfg)[1])  # the worker alone tokenizes
-            job.done.set()
 
 
 def chat_response(out: Any, model_name: str, prompt_tokens: int, stop_ids: frozenset[int],
