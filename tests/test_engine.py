@@ -281,3 +281,25 @@ def test_score_many_equals_score_options(tiny, tokenizer, ctx):
     assert after.forward_passes - before.forward_passes == 1
     assert after.tokens - before.tokens == 6 * 4  # six rows right-padded to the longest suffix
     assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(again, got))
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 15), (2.0, 5), (0.7, 0)])
+def test_sampling_follows_the_warped_distribution(temperature, top_k):
+    """Inverse-CDF sampling on an even grid of uniforms reproduces the temperature + top-k
+    distribution; greedy rows take the argmax; log probabilities are the warped ones."""
+    from rain_llm.engine.hf import _sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 300) * 3
+    scaled = logits[0] / temperature
+    if top_k:
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[-1], float("-inf"))
+    expected = torch.softmax(scaled.double(), -1)
+    grid = 20000
+    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    tokens, logprob = _sample(logits.expand(grid, -1), temperature, top_k, u, torch.zeros(grid, dtype=torch.bool))
+    freq = torch.bincount(tokens, minlength=300).double() / grid
+    assert (freq - expected).abs().max() < 2 / grid + 1e-9
+    assert torch.allclose(logprob, expected.log()[tokens], atol=1e-5)
+    greedy, lp = _sample(logits, temperature, top_k, torch.tensor([0.99]), torch.tensor([True]))
+    assert greedy.item() == int(logits.argmax()) and lp.item() == pytest.approx(float(expected.max().log()), abs=1e-6)

@@ -64,10 +64,12 @@ def test_vanilla_many_equals_one_by_one(rain):
 
 def test_parallel_leaves_on_the_engine(rain):
     """P leaves per round: expanded and evaluated as one batch each, same iteration budget."""
-    one = rain.generate(PROMPTS[0], cfg(t_max=6, value_threshold=2.0, fresh_iterations=0))
-    par = rain.generate(PROMPTS[0], cfg(t_max=6, value_threshold=2.0, fresh_iterations=0, parallel_leaves=3))
+    one = rain.generate(PROMPTS[0], cfg(t_max=6, value_threshold=2.0, fresh_iterations=0), trace=True)
+    par = rain.generate(PROMPTS[0], cfg(t_max=6, value_threshold=2.0, fresh_iterations=0, parallel_leaves=3),
+                        trace=True)
     assert par.token_ids and par.stats["iterations"] == sum(par.stats["iterations_per_step"])
-    assert par.stats["iterations_per_step"] == one.stats["iterations_per_step"]
+    for gen in (one, par):  # every step tops the root's visits (kept from the last step) up to t_max exactly
+        assert [s["iterations"] for s in gen.trace] == [max(6 - s["visits_before"], 0) for s in gen.trace]
     per_iteration = [g.stats["compute"]["evaluate"]["forward_passes"] / g.stats["iterations"] for g in (one, par)]
     assert per_iteration[1] < per_iteration[0]  # several leaves share an evaluation batch
 

@@ -510,16 +510,17 @@ class HFEngine:
             by_rule.setdefault((r.temperature, r.top_k), []).append(i)
         greedy = torch.tensor([r.greedy for r in all_rows])
 
+        rules = [(temperature, top_k, torch.tensor(idx), greedy[idx]) for (temperature, top_k), idx in by_rule.items()]
+
         def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if len(rules) == 1:
+                temperature, top_k, _, is_greedy = rules[0]
+                return _sample(logits, temperature, top_k, u[:, step], is_greedy)
             chosen = torch.zeros(n, dtype=torch.long)
             logprob = torch.zeros(n, dtype=torch.float64)
-            for (temperature, top_k), idx in by_rule.items():
-                probs = _warp(logits[idx], temperature, top_k)
-                picked = _inverse_cdf(probs, u[idx, step])
-                if greedy[idx].any():  # greedy rows take the argmax (one op for all of them)
-                    picked = torch.where(greedy[idx], torch.argmax(probs, dim=-1).cpu(), picked)
-                lp = torch.log(probs.gather(1, picked.view(-1, 1).to(probs.device)).squeeze(1)).double().cpu()
-                chosen[idx], logprob[idx] = picked, lp
+            for temperature, top_k, idx, is_greedy in rules:
+                chosen[idx], logprob[idx] = _sample(logits[idx.to(logits.device)], temperature, top_k, u[idx, step],
+                                                    is_greedy)
             return chosen, logprob
 
         stops = self.stop_ids
@@ -638,22 +639,27 @@ class HFEngine:
         self._retained.clear()
 
 
-def _warp(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """Temperature then top-k (the official logits processors' order), as probabilities."""
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor,
+            greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from the logits warped by temperature then top-k (the official logits
+    processors' order), chosen by inverse CDF with uniforms `u` (same u -> same token), or the
+    most likely token for greedy rows; with its log probability under the warped distribution.
+    A top-k rule works on the k largest logits only (sorted), not on the whole vocabulary.
+    Runs where `logits` live; returns CPU tensors (tokens long, log probabilities float64)."""
     scaled = logits / temperature
     if 0 < top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.softmax(scaled, dim=-1)
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sample one token per row from `probs` given uniforms `u` (same u -> same token).
-    Runs where `probs` lives; returns CPU indices."""
+        scaled, vocab_ids = torch.topk(scaled, top_k, dim=-1)  # descending: column 0 is the argmax
+    else:
+        vocab_ids = None
+    probs = torch.softmax(scaled.double() if vocab_ids is not None else scaled, dim=-1)
     cdf = torch.cumsum(probs.double(), dim=-1)
     target = (u.double().to(cdf.device) * cdf[:, -1]).unsqueeze(1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    col = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
     # never land on a zero-probability token (possible only through rounding at the edges)
-    zero = probs.gather(1, idx.view(-1, 1)).squeeze(1) == 0
-    idx = torch.where(zero, torch.argmax(probs, dim=-1), idx)
-    return idx.cpu()
+    best = torch.zeros_like(col) if vocab_ids is not None else torch.argmax(probs, dim=-1)
+    col = torch.where(probs.gather(1, col.view(-1, 1)).squeeze(1) == 0, best, col)
+    if greedy.any():
+        col = torch.where(greedy.to(col.device), best, col)
+    logprob = torch.log(probs.gather(1, col.view(-1, 1)).squeeze(1)).double()
+    tokens = vocab_ids.gather(1, col.view(-1, 1)).squeeze(1) if vocab_ids is not None else col
+    return tokens.cpu(), logprob.cpu()
