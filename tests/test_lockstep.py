@@ -131,6 +131,9 @@ def test_answers_joining_a_running_batch_equal_answers_alone(rain):
     settings = {"a": (PROMPTS[0], cfg()), "b": (PROMPTS[1], cfg(t_max=4, seed=5)),
                 "c": (PROMPTS[2], cfg(method="vanilla", max_new_tokens=6)), "d": (PROMPTS[2], cfg(max_new_tokens=6))}
     alone = {k: rain.generate(p, c) for k, (p, c) in settings.items()}
+    import time
+
+    started = time.perf_counter()
     batch = rain.continuous_batch()
     batch.add("a", *settings["a"])
     out, rounds = {}, 0
@@ -140,7 +143,10 @@ def test_answers_joining_a_running_batch_equal_answers_alone(rain):
         if rounds == 2:  # "a" is mid-search: three more join
             for k in "bcd":
                 batch.add(k, *settings[k])
+    wall = time.perf_counter() - started
     assert set(out) == set(settings)
+    shared = sum(g.stats["seconds_shared"] for g in out.values())  # the wall time, split among the answers
+    assert 0.8 * wall <= shared <= wall
     for k, gen in out.items():
         assert gen.token_ids == alone[k].token_ids and gen.text == alone[k].text, k
         assert gen.method == alone[k].method

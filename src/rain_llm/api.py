@@ -275,7 +275,7 @@ class ContinuousBatch:
         self.rain = rain
         self.engine = rain.engine
         self.lockstep = Lockstep(expand_many, value_many, embed_many)
-        self.live: dict[Hashable, tuple[ModelEnv, PromptFormat, RainConfig, Counters, list[int]]] = {}
+        self.live: dict[Hashable, _Live] = {}
         self.queued: list[Queued] = []
         self.done: dict[Hashable, Generation] = {}  # finished inside `add`, returned by the next step
         self.constants: list[list[int]] = []  # the evaluation templates' constant parts: always kept cached
@@ -286,6 +286,7 @@ class ContinuousBatch:
     def add(self, key: Hashable, prompt: str, config: RainConfig, *,
             value_fn: ValueSource | Callable[[str, str], float] | None = None) -> None:
         """Start answering `prompt`. Raises RainError (and starts nothing) for a bad prompt or setting."""
+        start = time.perf_counter()
         cfg = config.validate()
         if key in self.live or any(k == key for k, *_ in self.queued) or key in self.done:
             raise RainError(f"answer {key!r} is already in the batch")
@@ -308,25 +309,31 @@ class ContinuousBatch:
                 self.constants.append(constant)
                 engine.claim(self.constants, owner=self, exact=True)
         env = ModelEnv(engine, evaluator, self.rain.embedder, context, fmt, cfg, owner=owner)
-        peak = [len(self.live) + 1]
-        self.live[key] = (env, fmt, cfg, owner, peak)
+        live = self.live[key] = _Live(env, fmt, cfg, owner, peak=len(self.live) + 1)
         result = self.lockstep.add(key, RainSearch(env, cfg))
+        live.share += time.perf_counter() - start  # its setup (prefill) ran alone
         if result is not None:
             self.done[key] = self._finish(key, result)
 
     def step(self) -> dict[Hashable, Generation]:
-        """One round of every live search (and the queued vanilla answers); the answers finished."""
+        """One round of every live search (and the queued vanilla answers); the answers finished.
+        Each answer's stats get `seconds_shared`: its share of the wall time (every phase's time
+        split evenly among the answers that took part), beside `seconds`, its wall time."""
         engine, embedder = self.engine, self.rain._embedder
         for counters in (engine.counters, *([embedder.counters] if embedder else [])):
             counters.reset()  # each answer counts its own work; the shared counters must not grow forever
         in_flight = len(self.live) + len(self.queued)
-        for key in self.live:  # the most answers this one ran beside (its stats' "batch")
-            self.live[key][4][0] = max(self.live[key][4][0], in_flight)
+        for live in self.live.values():  # the most answers this one ran beside (its stats' "batch")
+            live.peak = max(live.peak, in_flight)
         finished, self.done = self.done, {}
         if self.queued:
             finished.update(self._vanilla(self.queued, in_flight))
             self.queued = []
-        for key, result in self.lockstep.round().items():
+        start, running = time.perf_counter(), list(self.live.values())
+        results = self.lockstep.round()
+        for live in running:
+            live.share += (time.perf_counter() - start) / len(running)
+        for key, result in results.items():
             finished[key] = self._finish(key, result)
         if finished and engine.reuse_cache:  # free what only finished answers kept
             engine.retain(self.constants, owner=self, exact=True)
@@ -342,13 +349,31 @@ class ContinuousBatch:
             rows = engine.decode_groups([(context, [Row(cfg.max_new_tokens, 1.0, 0, greedy=True)], None)
                                          for _, _, context, cfg in queued], owners)
         seconds = time.perf_counter() - start
-        return {key: self.rain._vanilla_generation(sample.tokens, fmt, cfg, owner, seconds, in_flight)
-                for (key, fmt, _, cfg), (sample,), owner in zip(queued, rows, owners)}
+        out = {}
+        for (key, fmt, _, cfg), (sample,), owner in zip(queued, rows, owners):
+            gen = out[key] = self.rain._vanilla_generation(sample.tokens, fmt, cfg, owner, seconds, in_flight)
+            gen.stats["seconds_shared"] = round(seconds / len(queued), 3)
+        return out
 
     def _finish(self, key: Hashable, result: SearchResult) -> Generation:
-        env, fmt, cfg, owner, peak = self.live.pop(key)
-        env.close()
-        return self.rain._rain_generation(env, result, fmt, cfg, owner, result.seconds, False, peak[0])
+        live = self.live.pop(key)
+        live.env.close()
+        gen = self.rain._rain_generation(live.env, result, live.fmt, live.cfg, live.owner, result.seconds, False,
+                                         live.peak)
+        gen.stats["seconds_shared"] = round(live.share, 3)
+        return gen
+
+
+@dataclass
+class _Live:
+    """A RAIN answer in a continuous batch."""
+
+    env: ModelEnv
+    fmt: PromptFormat
+    cfg: RainConfig
+    owner: Counters
+    peak: int = 1  # the most answers in flight beside it, itself included
+    share: float = 0.0  # its share of the wall time so far
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:

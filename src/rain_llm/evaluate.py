@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,69 +270,87 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     bar = tqdm(total=len(todo), disable=not settings.progress, unit="answer", file=sys.stderr,
                desc=f"{task} ({len(examples)} prompts, {len(done)} done before)")
     written = 0
-    by_id = {str(ex.id): ex for ex, _ in todo}
-    pending_ids = list(by_id)
-    batch = max(1, settings.batch)
-    for w in range(0, len(pending_ids), batch):  # windows of `batch` prompts; methods in the order given
-        window = set(pending_ids[w:w + batch])
+
+    def answer_and_record(ex: Example, method: str, batched: Generation | None = None) -> None:
+        """Answer (unless `batched` holds the answer already), judge, append one record."""
+        nonlocal written
+        start = time.perf_counter()
+        prompt = task_prompt(task, ex)
+        meta = dict(ex.meta)
+        method_config: dict[str, Any] = {}
+        if task == "selfeval":
+            rain.engine.counters.reset()  # this pair's work only
+            scores, idents = selfeval_record(rain, ex, cfg)
+            meta |= scores.pop("_meta")  # type: ignore[arg-type]
+            response, gen_stats = "", {"answer_tokens": 0, "compute": rain.engine.counters.to_dict()}
+        else:
+            if batched is not None:
+                gen = batched
+                method_config["batch"] = gen.stats.get("batch", 1)
+            elif method == "vanilla":
+                gen = rain.generate(prompt, cfg, method="vanilla")
+            elif method == "rain":
+                gen = rain.generate(prompt, cfg)
+            else:
+                n = match_samples(spent["rain"].get(str(ex.id)), spent["vanilla"].get(str(ex.id))) \
+                    if settings.best_of_n == "match" else int(settings.best_of_n)
+                method_config["samples"] = n
+                gen = best_of_n(rain, prompt, cfg, n)
+            if method in spent:
+                spent[method][str(ex.id)] = gen.stats["compute"].get("total", {}).get("tokens", 0)
+            response, gen_stats = gen.text, gen.stats
+            assert judging is not None
+            scores, idents = judging.score(ex, response)
+            answers.setdefault(str(ex.id), {})[method] = response
+            baseline = answers[str(ex.id)].get("vanilla")
+            if method != "vanilla" and baseline is not None:
+                won, won_ids = judging.versus(ex, response, baseline, cfg.seed)
+                scores |= won
+                idents |= won_ids
+        # a batched answer's time: its share of the batch's wall time, plus its own judging
+        seconds = time.perf_counter() - start + (batched.stats["seconds_shared"] if batched is not None else 0.0)
+        if method != "vanilla":
+            method_config["config"] = cfg.to_dict()
+        record = Record(task=task, id=str(ex.id), method=method, prompt=prompt, response=response,
+                        scores=scores, judges=idents, model=rain.name, seed=cfg.seed,
+                        seconds=round(seconds, 3), answer_tokens=gen_stats.get("answer_tokens", 0),
+                        compute=gen_stats.get("compute", {}),
+                        method_config=method_config, meta=meta)
+        append(settings.out, record)
+        written += 1
+        bar.update(1)
+
+    if settings.batch > 1:  # method by method over all prompts, up to `batch` answers in flight at once
         for method in methods:
-            items = [ex for ex, m in todo if m == method and str(ex.id) in window]
-            if not items:
-                continue
-            batched = None
-            if batch > 1 and len(items) > 1 and method in ("vanilla", "rain"):
-                start = time.perf_counter()
-                gens = rain.generate_many([task_prompt(task, ex) for ex in items], cfg, method=method)
-                batched = dict(zip((str(ex.id) for ex in items), gens))
-                per_answer = (time.perf_counter() - start) / len(items)
-            for ex in items:
-                start = time.perf_counter()
-                prompt = task_prompt(task, ex)
-                meta = dict(ex.meta)
-                method_config: dict[str, Any] = {}
-                if task == "selfeval":
-                    rain.engine.counters.reset()  # this pair's work only
-                    scores, idents = selfeval_record(rain, ex, cfg)
-                    meta |= scores.pop("_meta")  # type: ignore[arg-type]
-                    response, gen_stats = "", {"answer_tokens": 0, "compute": rain.engine.counters.to_dict()}
-                else:
-                    if batched is not None:
-                        gen = batched[str(ex.id)]
-                        method_config["batch"] = len(items)
-                    elif method == "vanilla":
-                        gen = rain.generate(prompt, cfg, method="vanilla")
-                    elif method == "rain":
-                        gen = rain.generate(prompt, cfg)
-                    else:
-                        n = match_samples(spent["rain"].get(str(ex.id)), spent["vanilla"].get(str(ex.id))) \
-                            if settings.best_of_n == "match" else int(settings.best_of_n)
-                        method_config["samples"] = n
-                        gen = best_of_n(rain, prompt, cfg, n)
-                    if method in spent:
-                        spent[method][str(ex.id)] = gen.stats["compute"].get("total", {}).get("tokens", 0)
-                    response, gen_stats = gen.text, gen.stats
-                    assert judging is not None
-                    scores, idents = judging.score(ex, response)
-                    answers.setdefault(str(ex.id), {})[method] = response
-                    baseline = answers[str(ex.id)].get("vanilla")
-                    if method != "vanilla" and baseline is not None:
-                        won, won_ids = judging.versus(ex, response, baseline, cfg.seed)
-                        scores |= won
-                        idents |= won_ids
-                seconds = time.perf_counter() - start + (per_answer if batched is not None else 0.0)
-                if method != "vanilla":
-                    method_config["config"] = cfg.to_dict()
-                record = Record(task=task, id=str(ex.id), method=method, prompt=prompt, response=response,
-                                scores=scores, judges=idents, model=rain.name, seed=cfg.seed,
-                                seconds=round(seconds, 3), answer_tokens=gen_stats.get("answer_tokens", 0),
-                                compute=gen_stats.get("compute", {}),
-                                method_config=method_config, meta=meta)
-                append(settings.out, record)
-                written += 1
-                bar.update(1)
+            items = [ex for ex, m in todo if m == method]
+            if method in ("vanilla", "rain"):
+                for ex, gen in answer_continuously(rain, task, items, cfg.replace(method=method), settings.batch):
+                    answer_and_record(ex, method, gen)
+            else:
+                for ex in items:
+                    answer_and_record(ex, method)
+    else:  # prompt by prompt, methods in the order given
+        for ex, method in todo:
+            answer_and_record(ex, method)
     bar.close()
     return {"task": task, "out": str(settings.out), "examples": len(examples), "written": written,
             "skipped": len(examples) * len(methods) - len(todo)}
+
+
+def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainConfig,
+                        batch: int) -> Iterator[tuple[Example, Generation]]:
+    """Answers to `items`, `batch` at a time in one continuous batch: when an answer finishes the
+    next prompt joins, so no prompt waits for the slowest of a window. Yields each as it finishes."""
+    running = rain.continuous_batch()
+    queue = list(items)
+    by_key = {}
+    while queue or running:
+        while queue and len(running) < batch:
+            ex = queue.pop(0)
+            running.add(str(ex.id), task_prompt(task, ex), cfg)
+            by_key[str(ex.id)] = ex
+        for key, gen in running.step().items():
+            yield by_key.pop(key), gen
 
 
 def match_samples(rain_tokens: int | None, vanilla_tokens: int | None, cap: int = 64) -> int:
