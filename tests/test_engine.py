@@ -303,3 +303,22 @@ def test_sampling_follows_the_warped_distribution(temperature, top_k):
     assert torch.allclose(logprob, expected.log()[tokens], atol=1e-5)
     greedy, lp = _sample(logits, temperature, top_k, torch.tensor([0.99]), torch.tensor([True]))
     assert greedy.item() == int(logits.argmax()) and lp.item() == pytest.approx(float(expected.max().log()), abs=1e-6)
+
+
+def test_rows_with_the_same_tokens_are_computed_once(tiny, tokenizer, ctx):
+    """Identical rows (here three greedy rows, and sampled rows under equal uniforms) share one
+    batch slot: the decode processes the tokens of one row, and each row gets the same answer."""
+    _, model = tiny
+    one = make(model, tokenizer)
+    alone = one.decode_rows(ctx, [Row(6, 1.0, 0, greedy=True)])[0]
+    fed_alone = one.counters.total().tokens
+    many = make(model, tokenizer)
+    u = np.random.default_rng(3).random((1, 6)).repeat(2, axis=0)
+    rows = [Row(6, 1.0, 0, greedy=True)] * 3 + [Row(6, 1.0, 15)] * 2
+    out = many.decode_rows(ctx, rows, np.vstack([np.full((3, 6), 0.5), u]))
+    assert [s.tokens for s in out[:3]] == [alone.tokens] * 3
+    assert out[3].tokens == out[4].tokens
+    diverge = next((i for i, (a, b) in enumerate(zip(alone.tokens, out[3].tokens)) if a != b), len(alone.tokens))
+    # prefill once, then the greedy path once and the sampled path once (shared with greedy until they differ)
+    fed_sampled = len(out[3].tokens) - 1 - min(diverge, len(out[3].tokens) - 1)
+    assert many.counters.total().tokens == fed_alone + fed_sampled

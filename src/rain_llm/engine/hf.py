@@ -444,20 +444,25 @@ class HFEngine:
         step_logits = torch.stack([first[g] for g in group_of])  # [rows, vocab]; finished rows are stale
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logprob = [0.0] * rows
-        active = list(range(rows))  # original row index of each batch row in the cache
+        # Rows holding the same tokens so far share one batch slot (one forward row, one KV row):
+        # sampled rows often repeat the greedy row's first tokens, and computing them twice is waste.
+        # At the start every row of a group shares the group's first row (identical contexts).
+        first_row = {g: group_of.index(g) for g in range(len(groups))}
+        slot_of = [first_row[g] for g in group_of]  # each live row's slot in the cache
+        active = list(range(rows))  # live rows
         last_logits: list[torch.Tensor] = [first[g] for g in group_of]  # after each row's last fed token
         for step in range(length):
             chosen, lp = pick(step_logits, step)
             chosen_list, lp_list = chosen.tolist(), lp.tolist()
             still, leaving = [], []
-            for slot, r in enumerate(active):
+            for r in active:
                 tokens[r].append(chosen_list[r])
                 logprob[r] += lp_list[r]
                 if done(r, tokens[r]) or step == length - 1:
-                    leaving.append((tokens[r][:-1], slot, last_logits[r], group_of[r]))
+                    leaving.append((tokens[r][:-1], slot_of[r], last_logits[r], group_of[r]))
                     self._asked(list(groups[group_of[r]][0]) + tokens[r][:-1], row_owner[r] if row_owner else None)
                 else:
-                    still.append(slot)
+                    still.append(r)
             for g in sorted({leave[3] for leave in leaving}):
                 node = nodes[g]
                 if node is None and self.reuse_cache:  # looked up now: other groups' lookups split chunks
@@ -466,17 +471,27 @@ class HFEngine:
                 self._store(node, [leave[:3] for leave in leaving if leave[3] == g], cache, start)
             if not still:
                 break
-            if len(still) < len(active):
-                _select_rows(cache, still)
-                active = [active[slot] for slot in still]
-            out, cache = self._forward(torch.tensor([[chosen_list[r]] for r in active]), cache,
-                                       pads=[pads[r] for r in active] if pads else None,
-                                       owners=[row_owner[r] for r in active] if row_owner else None)
+            fed: dict[tuple[int, int], int] = {}  # (parent slot, token) -> new slot
+            rep: list[int] = []  # a row fed in each new slot
+            for r in still:
+                key = (slot_of[r], chosen_list[r])
+                if key not in fed:
+                    fed[key] = len(rep)
+                    rep.append(r)
+                slot_of[r] = fed[key]
+            parents = [parent for parent, _ in fed]
+            if parents != list(range(cache.layers[0].kbuf.shape[0])):
+                _select_rows(cache, parents)
+            active = still
+            out, cache = self._forward(torch.tensor([[chosen_list[r]] for r in rep]), cache,
+                                       pads=[pads[r] for r in rep] if pads else None,
+                                       owners=[row_owner[r] for r in rep] if row_owner else None)
             fresh = out[:, -1]
             step_logits = step_logits.clone() if step == 0 else step_logits
-            step_logits[torch.tensor(active, device=fresh.device)] = fresh
-            for slot, r in enumerate(active):
-                last_logits[r] = fresh[slot]
+            rows_now = torch.tensor(active, device=fresh.device)
+            step_logits[rows_now] = fresh[torch.tensor([slot_of[r] for r in active], device=fresh.device)]
+            for r in active:
+                last_logits[r] = fresh[slot_of[r]]
         return tokens, logprob
 
     def decode_rows(self, context: Sequence[int], rows: Sequence[Row],
