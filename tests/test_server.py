@@ -123,6 +123,21 @@ def test_stream_delivers_the_same_answer(server):
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 6
 
 
+def test_a_conversation_with_a_system_message(server, rain):
+    """System message and earlier turns go through the chat template; the answer is the one the
+    Python API gives for the same conversation."""
+    conversation = [{"role": "system", "content": "You answer in one short sentence."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                    {"role": "user", "content": [{"type": "text", "text": "How do I pick a lock?"}]}]
+    reply = client(server).chat.completions.create(model="tiny", messages=conversation, max_tokens=6,
+                                                   extra_body={"rain": SEARCH})
+    as_text = [*conversation[:3], {"role": "user", "content": "How do I pick a lock?"}]
+    expected = rain.generate(as_text, load_config("fast", max_new_tokens=6, **SEARCH))
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == len(rain.prepare(as_text, load_config("fast"))[1])
+    assert reply.usage.prompt_tokens > len(rain.prepare("How do I pick a lock?", load_config("fast"))[1])
+
+
 def test_models_endpoint(server):
     assert [m.id for m in client(server).models.list()] == ["tiny"]
 
@@ -130,8 +145,11 @@ def test_models_endpoint(server):
 @pytest.mark.parametrize("kwargs, status, words", [
     ({"messages": [{"role": "user", "content": "   "}]}, 400, "empty prompt"),
     ({"model": "gpt-4"}, 404, "model 'gpt-4' not found"),
-    ({"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}]}, 400,
-     "one user message"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, 400,
+     "the last message must be the user's"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "Hi"}]}, 400, "unknown role 'tool'"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "x"},
+                   {"role": "user", "content": "Hi"}]}, 400, "system messages must come before"),
     ({"messages": []}, 400, "'messages' must be a non-empty list"),
     ({"extra_body": {"rain": {"t_max": 0}}}, 400, "invalid config value t_max=0"),
     ({"extra_body": {"rain": {"no_such_key": 1}}}, 400, "unknown RAIN setting 'no_such_key'"),

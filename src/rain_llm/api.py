@@ -23,7 +23,7 @@ from .env import ModelEnv, embed_many, expand_many, value_many
 from .errors import RainError
 from .evaluators import SelfEvaluator, load_template
 from .models import load_model
-from .prompts import PromptFormat, chat_wrapper, has_chat_template, prompt_format
+from .prompts import Prompt, PromptFormat, as_messages, chat_wrapper, has_chat_template, prompt_format, user_request
 from .search import Lockstep, ProgressFn, RainSearch, SearchResult, run_lockstep
 from .values import CallableValue, ValueSource, build_value_source
 
@@ -82,10 +82,12 @@ class Rain:
                 chat_template=chat_wrapper(self.tokenizer) if chat else None, device=str(self.engine.device))
         return self._value_sources[key]
 
-    def prepare(self, prompt: str, cfg: RainConfig) -> tuple[PromptFormat, list[int]]:
-        """The prompt's format and token ids, after the checks every method needs."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RainError("empty prompt: give some text to answer")
+    def prepare(self, prompt: Prompt, cfg: RainConfig) -> tuple[PromptFormat, list[int]]:
+        """The prompt's format and token ids, after the checks every method needs. A prompt is
+        a user message, or a conversation (chat messages: system first, the last one the user's)."""
+        if not isinstance(prompt, str | list | tuple):
+            raise RainError("a prompt is a string or a list of messages")
+        as_messages(prompt)  # raises on an empty prompt or a malformed conversation
         fmt = prompt_format(self.tokenizer, cfg.prompt_format, cfg.fewshot)
         context = fmt.render(self.tokenizer, prompt)
         window = self.engine.context_window
@@ -104,7 +106,7 @@ class Rain:
             self._embedder = MiniLMEmbedder.load(device=self.engine.device)
         return self._embedder
 
-    def generate(self, prompt: str, config: RainConfig | None = None, *, trace: bool = False,
+    def generate(self, prompt: Prompt, config: RainConfig | None = None, *, trace: bool = False,
                  progress: ProgressFn | None = None, value_fn: ValueSource | Callable[[str, str], float] | None = None,
                  **overrides: Any) -> Generation:
         """Answer `prompt` with `config.method` ("rain" or "vanilla"); overrides change config keys.
@@ -112,7 +114,7 @@ class Rain:
         return self.generate_many([prompt], config, trace=trace, progress=progress, value_fn=value_fn,
                                   **overrides)[0]
 
-    def generate_many(self, prompts: Sequence[str], config: RainConfig | None = None, *, trace: bool = False,
+    def generate_many(self, prompts: Sequence[Prompt], config: RainConfig | None = None, *, trace: bool = False,
                       progress: ProgressFn | None = None,
                       value_fn: ValueSource | Callable[[str, str], float] | None = None,
                       **overrides: Any) -> list[Generation]:
@@ -150,7 +152,7 @@ class Rain:
             return out
 
         source = self.value_source(cfg, value_fn)
-        evaluators = [source.bind(p) for p in prompts]
+        evaluators = [source.bind(user_request(p)) for p in prompts]
         constant = self._check_evaluation(evaluators, cfg)
         if constant is not None:
             engine.retain([constant], exact=True)  # keep only the template's constant part from earlier prompts
@@ -283,7 +285,7 @@ class ContinuousBatch:
     def __len__(self) -> int:
         return len(self.live) + len(self.queued) + len(self.done)
 
-    def add(self, key: Hashable, prompt: str, config: RainConfig, *,
+    def add(self, key: Hashable, prompt: Prompt, config: RainConfig, *,
             value_fn: ValueSource | Callable[[str, str], float] | None = None) -> None:
         """Start answering `prompt`. Raises RainError (and starts nothing) for a bad prompt or setting."""
         start = time.perf_counter()
@@ -298,7 +300,7 @@ class ContinuousBatch:
         if cfg.method == "vanilla":
             self.queued.append((key, fmt, context, cfg))
             return
-        evaluator = self.rain.value_source(cfg, value_fn).bind(prompt)
+        evaluator = self.rain.value_source(cfg, value_fn).bind(user_request(prompt))
         constant = self.rain._check_evaluation([evaluator], cfg)
         owner = Counters()
         if constant is not None:

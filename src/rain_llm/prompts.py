@@ -7,6 +7,7 @@ paper. A transcript's answer ends where the model starts a new "Human:" turn.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,39 @@ from typing import Any
 from .errors import RainError
 
 TURN_MARKER = "Human:"
+ROLES = ("system", "user", "assistant")
+Prompt = str | Sequence[dict[str, str]]  # one user message, or a conversation ending with a user turn
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """The prompt as chat messages, checked: system messages first, then user and assistant
+    turns, the last one the user's, none empty. Raises RainError naming the problem."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RainError("empty prompt: give some text to answer")
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list | tuple) or not prompt:
+        raise RainError("a prompt is a string or a non-empty list of messages")
+    seen_turn = False
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise RainError(f"message {i}: needs a 'role' and a text 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RainError(f"message {i}: unknown role {role!r} (system, user or assistant)")
+        if role == "system" and seen_turn:
+            raise RainError(f"message {i}: system messages must come before the conversation")
+        seen_turn = seen_turn or role != "system"
+    if prompt[-1]["role"] != "user":
+        raise RainError("the last message must be the user's: RAIN answers a user turn")
+    if not prompt[-1]["content"].strip():
+        raise RainError("empty prompt: the last user message has no text")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def user_request(prompt: Prompt) -> str:
+    """The text the answer responds to (the last user message): what evaluators judge it against."""
+    return prompt if isinstance(prompt, str) else as_messages(prompt)[-1]["content"]
 
 
 @dataclass(frozen=True)
@@ -22,14 +56,20 @@ class PromptFormat:
     chat: bool
     preamble: str = ""
 
-    def render(self, tokenizer: Any, prompt: str) -> list[int]:
+    def render(self, tokenizer: Any, prompt: Prompt) -> list[int]:
+        messages = as_messages(prompt)
         if self.chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)
-        text = f"{self.preamble}Human: {prompt.strip()}\n\nAssistant:"
+        text = self.preamble + "".join(f"{m['content'].strip()}\n\n" for m in messages if m["role"] == "system")
+        for m in messages:
+            if m["role"] == "user":
+                text += f"Human: {m['content'].strip()}\n\nAssistant:"
+            elif m["role"] == "assistant":
+                text += f" {m['content'].strip()}\n\n"
         return list(tokenizer(text)["input_ids"])
 
     def clean(self, answer: str) -> str:

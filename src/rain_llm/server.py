@@ -31,6 +31,7 @@ from typing import Any
 from .config import FIELD_NAMES, RainConfig
 from .errors import RainError
 from .evaluators import BUILTIN_TEMPLATES
+from .prompts import Prompt, as_messages
 
 MAX_BODY_BYTES = 4 << 20
 # Settings that name files or models on the server's disk, or change how it computes: fixed by
@@ -54,7 +55,7 @@ class RequestError(Exception):
 class Job:
     """One chat request waiting for its answer."""
 
-    prompt: str
+    prompt: Prompt
     cfg: RainConfig
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
@@ -62,7 +63,7 @@ class Job:
     error: RequestError | None = None
 
 
-def parse_chat_request(body: Any, base: RainConfig, model_name: str) -> tuple[str, RainConfig, bool]:
+def parse_chat_request(body: Any, base: RainConfig, model_name: str) -> tuple[Prompt, RainConfig, bool]:
     """A chat completions request -> (prompt, settings, stream). Raises RequestError naming the problem."""
     if not isinstance(body, dict):
         raise RequestError(400, "malformed request: the body must be a JSON object")
@@ -72,7 +73,7 @@ def parse_chat_request(body: Any, base: RainConfig, model_name: str) -> tuple[st
     if model != model_name:
         raise RequestError(404, f"model {model!r} not found: this server serves {model_name!r}", "not_found_error",
                            "model")
-    prompt = _user_prompt(body.get("messages"))
+    prompt = _conversation(body.get("messages"))
     for key, default in UNSUPPORTED.items():
         if body.get(key, default) not in (default, None):
             raise RequestError(400, f"'{key}' is not supported by RAIN", param=key)
@@ -114,21 +115,27 @@ def parse_chat_request(body: Any, base: RainConfig, model_name: str) -> tuple[st
     return prompt, cfg, stream
 
 
-def _user_prompt(messages: Any) -> str:
+def _conversation(messages: Any) -> str | list[dict[str, str]]:
+    """The request's messages as RAIN's prompt: the text of a lone user message, else the
+    conversation (system messages first, the last message the user's)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list", param="messages")
-    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user":
-        raise RequestError(400, "RAIN answers one user message: send messages=[{'role': 'user', 'content': ...}] "
-                           "(multi-turn and system messages are not supported yet)", param="messages")
-    content = messages[0].get("content")
-    if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise RequestError(400, "message content parts must be text", param="messages")
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str) or not content.strip():
-        raise RequestError(400, "empty prompt: the user message has no text", param="messages")
-    return content
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(400, f"message {i} must be an object with 'role' and 'content'", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise RequestError(400, f"message {i}: content parts must be text", param="messages")
+            content = "".join(p["text"] for p in content)
+        out.append({"role": message.get("role"), "content": content})
+    try:
+        as_messages(out)
+    except RainError as err:
+        raise RequestError(400, str(err), param="messages") from None
+    return out[0]["content"] if len(out) == 1 else out
 
 
 class BatchingWorker(threading.Thread):
@@ -141,7 +148,7 @@ class BatchingWorker(threading.Thread):
         self.stopping = False
         self.in_flight: set[Job] = set()
 
-    def submit(self, prompt: str, cfg: RainConfig) -> Job:
+    def submit(self, prompt: Prompt, cfg: RainConfig) -> Job:
         job = Job(prompt, cfg)
         self.jobs.put(job)
         return job
