@@ -171,3 +171,21 @@ def test_continuous_batch_refuses_bad_input_without_starting(rain):
     with pytest.raises(RainError, match="already in the batch"):
         batch.add("x", "Hi", cfg())
     assert len(batch) == 1 and list(batch.step()) == ["x"] and not batch
+
+
+def test_answers_added_together_are_prefilled_in_one_forward(rain):
+    config = cfg()
+    alone = [rain.generate(p, config) for p in PROMPTS]
+    batch = rain.continuous_batch()
+    rain.engine.counters.reset()
+    batch.add_many([(i, p, config) for i, p in enumerate(PROMPTS)])
+    assert rain.engine.counters.phases["prefill"].forward_passes == 1  # three prompts and their evaluation prompts
+    out = {}
+    while batch:
+        out.update(batch.step())
+    assert [out[i].token_ids for i in range(len(PROMPTS))] == [g.token_ids for g in alone]
+    from rain_llm.errors import RainError
+
+    with pytest.raises(RainError, match="prompt too long"):  # one bad item: none starts
+        batch.add_many([("ok", "Hi", config), ("bad", "word " * 9000, config)])
+    assert not batch

@@ -288,34 +288,62 @@ class ContinuousBatch:
     def add(self, key: Hashable, prompt: Prompt, config: RainConfig, *,
             value_fn: ValueSource | Callable[[str, str], float] | None = None) -> None:
         """Start answering `prompt`. Raises RainError (and starts nothing) for a bad prompt or setting."""
+        self.add_many([(key, prompt, config)], value_fn=value_fn)
+
+    def add_many(self, items: Sequence[tuple[Hashable, Prompt, RainConfig]], *,
+                 value_fn: ValueSource | Callable[[str, str], float] | None = None) -> None:
+        """Start several answers, (key, prompt, settings) each; their prompts and evaluation
+        prompts are encoded in one forward. Every item is checked first: one bad item raises
+        RainError and none starts."""
         start = time.perf_counter()
-        cfg = config.validate()
-        if key in self.live or any(k == key for k, *_ in self.queued) or key in self.done:
-            raise RainError(f"answer {key!r} is already in the batch")
         engine = self.engine
-        if len(self) and cfg.reuse_cache != engine.reuse_cache:
-            raise RainError("reuse_cache must be the same for every answer of a running batch")
-        fmt, context = self.rain.prepare(prompt, cfg)
-        engine.reuse_cache = cfg.reuse_cache
-        if cfg.method == "vanilla":
-            self.queued.append((key, fmt, context, cfg))
-            return
-        evaluator = self.rain.value_source(cfg, value_fn).bind(user_request(prompt))
-        constant = self.rain._check_evaluation([evaluator], cfg)
-        owner = Counters()
-        if constant is not None:
-            path = engine.prefix_cache.lookup(constant)[2] if engine.reuse_cache else 0
-            if path >= len(constant):
+        keys = [key for key, _, _ in items]
+        running = {*self.live, *(k for k, *_ in self.queued), *self.done}
+        plans = []
+        for key, prompt, config in items:
+            cfg = config.validate()
+            if key in running or keys.count(key) > 1:
+                raise RainError(f"answer {key!r} is already in the batch")
+            if cfg.reuse_cache != (engine.reuse_cache if len(self) else items[0][2].reuse_cache):
+                raise RainError("reuse_cache must be the same for every answer of a running batch")
+            fmt, context = self.rain.prepare(prompt, cfg)
+            evaluator, constant = None, None
+            if cfg.method == "rain":
+                evaluator = self.rain.value_source(cfg, value_fn).bind(user_request(prompt))
+                constant = self.rain._check_evaluation([evaluator], cfg)
+            plans.append((key, fmt, context, cfg, evaluator, constant))
+        engine.reuse_cache = items[0][2].reuse_cache if items else engine.reuse_cache
+        searches = [plan for plan in plans if plan[4] is not None]
+        self.queued += [(key, fmt, context, cfg) for key, fmt, context, cfg, evaluator, _ in plans if evaluator is None]
+        owners = [Counters() for _ in searches]
+        for (*_, constant), owner in zip(searches, owners):
+            if constant is None:
+                continue
+            if engine.reuse_cache and engine.prefix_cache.lookup(constant)[2] >= len(constant):
                 owner.least.add(constant, count=False)  # cached already: no work for this answer
             if constant not in self.constants:
                 self.constants.append(constant)
                 engine.claim(self.constants, owner=self, exact=True)
-        env = ModelEnv(engine, evaluator, self.rain.embedder, context, fmt, cfg, owner=owner)
-        live = self.live[key] = _Live(env, fmt, cfg, owner, peak=len(self.live) + 1)
-        result = self.lockstep.add(key, RainSearch(env, cfg))
-        live.share += time.perf_counter() - start  # its setup (prefill) ran alone
-        if result is not None:
-            self.done[key] = self._finish(key, result)
+        if len(searches) > 1 and engine.reuse_cache:  # all prompts and evaluation prompts in one forward
+            contexts, whose = [], []
+            for (_, _, context, _, evaluator, _), owner in zip(searches, owners):
+                for ids in [context, *(evaluator.retain("") if getattr(evaluator, "engine", None) is engine else [])]:
+                    contexts.append(ids)
+                    whose.append(owner)
+            with ExitStack() as stack:
+                for counters in [engine.counters, *owners]:
+                    stack.enter_context(counters.phase("prefill"))
+                engine.prefill_many(contexts, whose)
+        started = []
+        for (key, fmt, context, cfg, evaluator, _), owner in zip(searches, owners):
+            env = ModelEnv(engine, evaluator, self.rain.embedder, context, fmt, cfg, owner=owner)
+            self.live[key] = _Live(env, fmt, cfg, owner, peak=len(self.live) + 1)
+            started.append((key, self.lockstep.add(key, RainSearch(env, cfg))))
+        for key, _ in started:  # the setup's wall time, split among the answers it started
+            self.live[key].share += (time.perf_counter() - start) / len(started)
+        for key, result in started:
+            if result is not None:
+                self.done[key] = self._finish(key, result)
 
     def step(self) -> dict[Hashable, Generation]:
         """One round of every live search (and the queued vanilla answers); the answers finished.

@@ -345,10 +345,9 @@ def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainCo
     queue = list(items)
     by_key = {}
     while queue or running:
-        while queue and len(running) < batch:
-            ex = queue.pop(0)
-            running.add(str(ex.id), task_prompt(task, ex), cfg)
-            by_key[str(ex.id)] = ex
+        joining = [queue.pop(0) for _ in range(min(len(queue), batch - len(running)))]
+        running.add_many([(str(ex.id), task_prompt(task, ex), cfg) for ex in joining])
+        by_key.update((str(ex.id), ex) for ex in joining)
         for key, gen in running.step().items():
             yield by_key.pop(key), gen
 

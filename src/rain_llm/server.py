@@ -206,6 +206,13 @@ class BatchingWorker(threading.Thread):
         return taken
 
     def _join(self, batch: Any, jobs: list[Job]) -> None:
+        if len(jobs) > 1:  # together: their prompts are encoded in one forward
+            try:
+                batch.add_many([(job, job.prompt, job.cfg) for job in jobs])
+                self.in_flight.update(jobs)
+                return
+            except RainError:  # checked before any work: find the bad ones by adding one at a time
+                pass
         for job in jobs:
             try:
                 batch.add(job, job.prompt, job.cfg)
