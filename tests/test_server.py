@@ -114,6 +114,22 @@ def test_a_request_joins_a_running_search_and_need_not_wait_for_it(server, rain)
     assert replies[0].model_extra["rain"]["stats"]["batch"] == 2
 
 
+def test_stream_sends_text_as_the_search_commits_it(server, rain):
+    """RAIN never revises a commit, so a streamed answer arrives step by step: several content
+    events, the first long before the last, adding up to the answer `rain generate` gives."""
+    settings = {**SEARCH, "t_max": 4, "value_threshold": 2.0}
+    stream = ask(server, PROMPTS[2], max_tokens=24, stream=True, extra_body={"rain": settings})
+    events = [(time.monotonic(), c) for c in stream]
+    contents = [(t, c.choices[0].delta.content) for t, c in events if c.choices and c.choices[0].delta.content]
+    expected = rain.generate(PROMPTS[2], load_config("fast", max_new_tokens=24, **settings))
+    assert "".join(text for _, text in contents) == expected.text
+    assert len(contents) >= 3 and len(expected.stats["iterations_per_step"]) >= 3
+    assert contents[-1][0] - contents[0][0] > 0.2  # sent while the search ran, not all at the end
+    last = events[-1][1]
+    assert last.choices[0].finish_reason in ("stop", "length") and last.usage.completion_tokens == len(
+        expected.token_ids)
+
+
 def test_stream_delivers_the_same_answer(server):
     settings = {"max_tokens": 6, "extra_body": {"rain": {"method": "vanilla"}}}
     whole = ask(server, "Hi", **settings)
@@ -160,6 +176,7 @@ def test_models_endpoint(server):
     ({"stop": ["\n"]}, 400, "'stop' is not supported"),
     ({"temperature": 0}, 400, "temperature=0"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "prompt too long"),
+    ({"messages": [{"role": "user", "content": "word " * 9000}], "stream": True}, 400, "prompt too long"),
 ])
 def test_bad_requests_get_one_clear_error(server, kwargs, status, words):
     request = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **kwargs}

@@ -23,7 +23,16 @@ from .env import ModelEnv, embed_many, expand_many, value_many
 from .errors import RainError
 from .evaluators import SelfEvaluator, load_template
 from .models import load_model
-from .prompts import Prompt, PromptFormat, as_messages, chat_wrapper, has_chat_template, prompt_format, user_request
+from .prompts import (
+    TURN_MARKER,
+    Prompt,
+    PromptFormat,
+    as_messages,
+    chat_wrapper,
+    has_chat_template,
+    prompt_format,
+    user_request,
+)
 from .search import Lockstep, ProgressFn, RainSearch, SearchResult, run_lockstep
 from .values import CallableValue, ValueSource, build_value_source
 
@@ -271,6 +280,7 @@ class ContinuousBatch:
         while batch:
             for key, generation in batch.step().items(): ...
             # add more at any time
+    One continuous batch at a time per Rain: it shares the engine's cache with its answers only.
     """
 
     def __init__(self, rain: Rain):
@@ -344,6 +354,18 @@ class ContinuousBatch:
         for key, result in started:
             if result is not None:
                 self.done[key] = self._finish(key, result)
+
+    def partial_text(self, key: Hashable) -> str | None:
+        """The text a live RAIN answer has committed so far, held back where it may still change
+        (an unfinished character; a transcript's possible start of a new turn). RAIN never revises
+        a commit, so the final text starts with it. None for answers not searching now."""
+        live, search = self.live.get(key), self.lockstep.searches.get(key)
+        if live is None or search is None:
+            return None
+        text = self.rain._text(live.fmt, list(search.answer))
+        if not live.fmt.chat:
+            text = text[:max(0, len(text) - len(TURN_MARKER))]
+        return text.rstrip("\ufffd")
 
     def step(self) -> dict[Hashable, Generation]:
         """One round of every live search (and the queued vanilla answers); the answers finished.

@@ -53,14 +53,32 @@ class RequestError(Exception):
 
 @dataclass(eq=False)  # hashed by identity: a job is its own key in the batch
 class Job:
-    """One chat request waiting for its answer."""
+    """One chat request waiting for its answer. A streamed one also gets events from the worker:
+    ("start", None) once it joined the batch, ("delta", text) as its search commits text,
+    then ("end", None); or ("error", None) (see `error`)."""
 
     prompt: Prompt
     cfg: RainConfig
+    stream: bool = False
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
     done: threading.Event = field(default_factory=threading.Event)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    sent: str = ""  # streamed so far
     result: Any = None
     prompt_tokens: int = 0
     error: RequestError | None = None
+
+    def fail(self, error: RequestError) -> None:
+        self.error = error
+        self.events.put(("error", None))
+        self.done.set()
+
+    def send(self, text: str | None) -> None:
+        """Stream what `text` adds to what was sent (nothing if it does not extend it)."""
+        if self.stream and text is not None and text.startswith(self.sent) and len(text) > len(self.sent):
+            self.events.put(("delta", text[len(self.sent):]))
+            self.sent = text
 
 
 def parse_chat_request(body: Any, base: RainConfig, model_name: str) -> tuple[Prompt, RainConfig, bool]:
@@ -148,8 +166,8 @@ class BatchingWorker(threading.Thread):
         self.stopping = False
         self.in_flight: set[Job] = set()
 
-    def submit(self, prompt: Prompt, cfg: RainConfig) -> Job:
-        job = Job(prompt, cfg)
+    def submit(self, prompt: Prompt, cfg: RainConfig, stream: bool = False) -> Job:
+        job = Job(prompt, cfg, stream)
         self.jobs.put(job)
         return job
 
@@ -170,8 +188,7 @@ class BatchingWorker(threading.Thread):
             except Exception as err:  # a bug: the clients get one line, the server log the traceback
                 traceback.print_exc(file=self.log)
                 for job in self.in_flight:
-                    job.error = RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
-                    job.done.set()
+                    job.fail(RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
                 self.in_flight.clear()
                 self.rain.engine.reset()
                 batch = self.rain.continuous_batch()
@@ -183,7 +200,11 @@ class BatchingWorker(threading.Thread):
                 print(f"rain: answered a request ({out.method}, {len(out.token_ids)} tokens, "
                       f"{out.stats['seconds']:.2f} s, alongside up to {out.stats.get('batch', 1) - 1} others)",
                       file=self.log, flush=True)
+                job.send(out.text)
+                job.events.put(("end", None))
                 job.done.set()
+            for job in self.in_flight:  # streamed answers: what their searches committed this round
+                job.send(batch.partial_text(job))
 
     def _take(self, most: int, wait: bool) -> list[Job]:
         taken: list[Job] = []
@@ -210,6 +231,8 @@ class BatchingWorker(threading.Thread):
             try:
                 batch.add_many([(job, job.prompt, job.cfg) for job in jobs])
                 self.in_flight.update(jobs)
+                for job in jobs:
+                    job.events.put(("start", None))
                 return
             except RainError:  # checked before any work: find the bad ones by adding one at a time
                 pass
@@ -217,27 +240,27 @@ class BatchingWorker(threading.Thread):
             try:
                 batch.add(job, job.prompt, job.cfg)
                 self.in_flight.add(job)
+                job.events.put(("start", None))
             except RainError as err:  # checked before any work: this request alone fails
-                job.error = RequestError(400, str(err))
-                job.done.set()
+                job.fail(RequestError(400, str(err)))
             except Exception as err:  # a bug: this request fails, the server goes on
                 traceback.print_exc(file=self.log)
-                job.error = RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
-                job.done.set()
+                job.fail(RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
 
 
-def chat_response(out: Any, model_name: str, prompt_tokens: int, stop_ids: frozenset[int],
-                  max_new_tokens: int) -> dict[str, Any]:
-    """An OpenAI chat.completion object; RAIN's own figures under the extra key 'rain'."""
+def chat_response(job: Job, model_name: str, stop_ids: frozenset[int]) -> dict[str, Any]:
+    """An OpenAI chat.completion object for a finished job; RAIN's figures under the extra key 'rain'."""
+    out = job.result
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "id": job.id,
         "object": "chat.completion",
-        "created": int(time.time()),
+        "created": job.created,
         "model": model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                     "finish_reason": finish_reason(out.token_ids, stop_ids, max_new_tokens), "logprobs": None}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(out.token_ids),
-                  "total_tokens": prompt_tokens + len(out.token_ids)},
+                     "finish_reason": finish_reason(out.token_ids, stop_ids, job.cfg.max_new_tokens),
+                     "logprobs": None}],
+        "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(out.token_ids),
+                  "total_tokens": job.prompt_tokens + len(out.token_ids)},
         "rain": {"method": out.method, "stats": out.stats},
     }
 
@@ -248,17 +271,11 @@ def finish_reason(token_ids: list[int], stop_ids: frozenset[int], max_new_tokens
     return "length" if len(token_ids) >= max_new_tokens else "stop"  # else: a transcript's turn ended
 
 
-def stream_chunks(response: dict[str, Any]) -> list[dict[str, Any]]:
-    """The whole answer as chat.completion.chunk events: role, content, then the finish reason."""
-    choice = response["choices"][0]
-    head = {"id": response["id"], "object": "chat.completion.chunk", "created": response["created"],
-            "model": response["model"]}
-    return [
-        {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
-        {**head, "choices": [{"index": 0, "delta": {"content": choice["message"]["content"]}, "finish_reason": None}]},
-        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
-         "usage": response["usage"], "rain": response["rain"]},
-    ]
+def chunk(job: Job, model_name: str, delta: dict[str, str], finish: str | None = None,
+          **extra: Any) -> dict[str, Any]:
+    """One chat.completion.chunk event of a streamed answer."""
+    return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
 
 
 def check_port(host: str, port: int) -> None:
@@ -329,14 +346,10 @@ class RainServer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def answer_chat(self, body: Any) -> tuple[dict[str, Any], bool]:
+    def submit_chat(self, body: Any) -> Job:
+        """Check a chat request and queue it; its answer arrives on the job."""
         prompt, cfg, stream = parse_chat_request(body, self.config, self.model_name)
-        job = self.worker.submit(prompt, cfg)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return chat_response(job.result, self.model_name, job.prompt_tokens, self.rain.engine.stop_ids,
-                             cfg.max_new_tokens), stream
+        return self.worker.submit(prompt, cfg, stream)
 
 
 def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
@@ -362,15 +375,21 @@ def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
                 if path != "/v1/chat/completions":
                     raise RequestError(404, f"no such endpoint: POST {path} (this server has /v1/chat/completions)",
                                        "not_found_error")
-                body = self._body()
-                response, stream = server.answer_chat(body)
+                job = server.submit_chat(self._body())
+                if job.stream:
+                    if job.events.get()[0] == "error":  # refused before it started: a plain error reply
+                        raise job.error  # type: ignore[misc]
+                else:
+                    job.done.wait()
+                    if job.error is not None:
+                        raise job.error
             except RequestError as err:
                 self._error(err)
                 return
-            if stream:
-                self._stream(response)
+            if job.stream:
+                self._stream(job)
             else:
-                self._json(200, response)
+                self._json(200, chat_response(job, server.model_name, server.rain.engine.stop_ids))
 
         def _body(self) -> Any:
             try:
@@ -397,16 +416,42 @@ def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
             self._json(err.status, {"error": {"message": err.message, "type": err.kind, "param": err.param,
                                               "code": None}})
 
-        def _stream(self, response: dict[str, Any]) -> None:
+        def _stream(self, job: Job) -> None:
+            """Server-sent events: the role, then text as the search commits it, then the finish
+            reason with usage and RAIN's stats (or an error event), then [DONE]."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
-            for chunk in stream_chunks(response):
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.close_connection = True
+
+            def event(payload: dict[str, Any]) -> None:
+                self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+                self.wfile.flush()
+
+            try:
+                self._events(job, event)
+            except (BrokenPipeError, ConnectionResetError):  # the client left; its answer is still computed
+                print("rain: a streaming client disconnected", file=server.log, flush=True)
+
+        def _events(self, job: Job, event: Any) -> None:
+            event(chunk(job, server.model_name, {"role": "assistant"}))
+            while True:
+                kind, text = job.events.get()
+                if kind == "delta":
+                    event(chunk(job, server.model_name, {"content": text}))
+                elif kind == "end":
+                    whole = chat_response(job, server.model_name, server.rain.engine.stop_ids)
+                    event(chunk(job, server.model_name, {}, whole["choices"][0]["finish_reason"],
+                                usage=whole["usage"], rain=whole["rain"]))
+                    break
+                else:
+                    err = job.error
+                    event({"error": {"message": err.message if err else "internal error", "type": "server_error",
+                                     "param": None, "code": None}})
+                    break
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-            self.close_connection = True
 
     return Handler
