@@ -234,7 +234,7 @@ class BatchingWorker(threading.Thread):
                 for job in jobs:
                     job.events.put(("start", None))
                 return
-            except RainError:  # checked before any work: find the bad ones by adding one at a time
+            except Exception:  # checked before any work: find the bad ones by adding one at a time
                 pass
         for job in jobs:
             try:
