@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--variant", default=None, help="advbench suffixes: none, smoothllm, jbb-vicuna, jbb-llama2")
     ev.add_argument("--limit", type=int, default=None, help="first N prompts (of this shard)")
     ev.add_argument("--shard", default=None, help="i/n: the i-th of n disjoint shards (0-based)")
-    ev.add_argument("--batch", type=int, default=1, help="prompts answered at once: RAIN searches run in lockstep "
-                    "with their model calls batched across prompts (vanilla: one batch)")
+    ev.add_argument("--batch", type=int, default=1, help="answers in flight at once, in one continuous batch: "
+                    "RAIN searches run in lockstep with their model calls batched, and a finished answer's "
+                    "place goes to the next prompt")
     ev.add_argument("--best-of-n", default="4", help="samples for best-of-n, or 'match' to match RAIN's compute")
     ev.add_argument("--judge-model", default=None, help="local model as LM judge ('policy': the model itself)")
     ev.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint as LM judge (base URL)")
