@@ -177,15 +177,8 @@ class Rain:
         if eval_engine is not None and eval_engine is not engine:  # a judge model: count its work too
             eval_engine.counters.reset()
         if owners and engine.reuse_cache:  # every prompt and its evaluation prompt in one forward, not 2B
-            contexts, whose = [], []
-            for ev, (_, context), owner in zip(evaluators, prepared, owners):
-                for ids in [context, *(ev.retain("") if getattr(ev, "engine", None) is engine else [])]:
-                    contexts.append(ids)
-                    whose.append(owner)
-            with ExitStack() as stack:
-                for counters in [engine.counters, *owners]:
-                    stack.enter_context(counters.phase("prefill"))
-                engine.prefill_many(contexts, whose)
+            _prefill_together(engine, [(context, ev, owner) for ev, (_, context), owner in
+                                       zip(evaluators, prepared, owners)])
         envs = [ModelEnv(engine, ev, embedder, context, fmt, cfg, owner=owners[i] if owners else None)
                 for i, (ev, (fmt, context)) in enumerate(zip(evaluators, prepared))]
         searches = [RainSearch(env, cfg, trace=trace, progress=progress if batch == 1 else None) for env in envs]
@@ -335,15 +328,8 @@ class ContinuousBatch:
                 self.constants.append(constant)
                 engine.claim(self.constants, owner=self, exact=True)
         if len(searches) > 1 and engine.reuse_cache:  # all prompts and evaluation prompts in one forward
-            contexts, whose = [], []
-            for (_, _, context, _, evaluator, _), owner in zip(searches, owners):
-                for ids in [context, *(evaluator.retain("") if getattr(evaluator, "engine", None) is engine else [])]:
-                    contexts.append(ids)
-                    whose.append(owner)
-            with ExitStack() as stack:
-                for counters in [engine.counters, *owners]:
-                    stack.enter_context(counters.phase("prefill"))
-                engine.prefill_many(contexts, whose)
+            _prefill_together(engine, [(context, evaluator, owner) for (_, _, context, _, evaluator, _), owner in
+                                       zip(searches, owners)])
         started = []
         for (key, fmt, context, cfg, evaluator, _), owner in zip(searches, owners):
             env = ModelEnv(engine, evaluator, self.rain.embedder, context, fmt, cfg, owner=owner)
@@ -426,6 +412,20 @@ class _Live:
     owner: Counters
     peak: int = 1  # the most answers in flight beside it, itself included
     share: float = 0.0  # its share of the wall time so far
+
+
+def _prefill_together(engine: HFEngine, answers: list[tuple[list[int], Any, Counters]]) -> None:
+    """Encode several answers' prompts and their evaluation prompts (when the policy model
+    evaluates itself) in one forward, each row charged to its answer; (context, evaluator, owner) each."""
+    contexts, whose = [], []
+    for context, evaluator, owner in answers:
+        for ids in [context, *(evaluator.retain("") if getattr(evaluator, "engine", None) is engine else [])]:
+            contexts.append(ids)
+            whose.append(owner)
+    with ExitStack() as stack:
+        for counters in [engine.counters, *{id(o): o for o in whose}.values()]:
+            stack.enter_context(counters.phase("prefill"))
+        engine.prefill_many(contexts, whose)
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
