@@ -252,3 +252,29 @@ def test_rain_serve_end_to_end_on_the_default_model(default_model_dir):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_its_search(server, rain, stream):
+    """A long search whose client closed the connection is cancelled (its compute freed), and the
+    server goes on answering."""
+    import socket
+
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 60,
+                       "stream": stream, "rain": {**SEARCH, "t_max": 40, "t_min": 40, "value_threshold": 2.0}})
+    host, port = server.httpd.server_address[:2]
+    with socket.create_connection((host, port)) as conn:
+        conn.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 30
+        while not server.worker.in_flight and time.monotonic() < deadline:  # the search is running
+            time.sleep(0.01)
+        assert server.worker.in_flight
+    left = time.monotonic()
+    while server.worker.in_flight and time.monotonic() < left + 30:
+        time.sleep(0.05)
+    # cancelled, not run to its end (about 15 s here: 60 tokens at 40 iterations per step)
+    assert not server.worker.in_flight and time.monotonic() - left < 4
+    reply = ask(server, "Hi", max_tokens=4, extra_body={"rain": {"method": "vanilla"}})
+    assert reply.choices[0].message.content
+    assert rain.engine.prefix_cache.num_tokens() < 1000  # the cancelled search's cache was freed

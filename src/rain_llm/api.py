@@ -341,6 +341,17 @@ class ContinuousBatch:
             if result is not None:
                 self.done[key] = self._finish(key, result)
 
+    def cancel(self, key: Hashable) -> None:
+        """Drop an answer that is no longer wanted: its search stops and its cache may go."""
+        self.queued = [q for q in self.queued if q[0] != key]
+        self.done.pop(key, None)
+        live = self.live.pop(key, None)
+        if live is not None:
+            self.lockstep.remove(key)
+            live.env.close()
+            if self.engine.reuse_cache:
+                self.engine.retain(self.constants, owner=self, exact=True)
+
     def partial_text(self, key: Hashable) -> str | None:
         """The text a live RAIN answer has committed so far, held back where it may still change
         (an unfinished character; a transcript's possible start of a new turn). RAIN never revises

@@ -484,6 +484,14 @@ class Lockstep:
                     finished[k] = done
         return finished
 
+    def remove(self, key: Hashable) -> None:
+        """Stop a search before it finishes (its client went away)."""
+        self.pending.pop(key, None)
+        gen = self.gens.pop(key, None)
+        if gen is not None:
+            gen.close()
+        self.searches.pop(key, None)
+
     def _advance(self, key: Hashable, reply: Any) -> SearchResult | None:
         try:
             self.pending[key] = self.gens[key].send(reply)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -68,6 +70,7 @@ class Job:
     result: Any = None
     prompt_tokens: int = 0
     error: RequestError | None = None
+    cancelled: bool = False  # set by the handler when its client went away
 
     def fail(self, error: RequestError) -> None:
         self.error = error
@@ -205,6 +208,11 @@ class BatchingWorker(threading.Thread):
                 job.done.set()
             for job in self.in_flight:  # streamed answers: what their searches committed this round
                 job.send(batch.partial_text(job))
+            for job in [j for j in self.in_flight if j.cancelled]:  # their clients left: stop computing
+                batch.cancel(job)
+                self.in_flight.discard(job)
+                job.done.set()
+                print("rain: a client went away; its answer was cancelled", file=self.log, flush=True)
 
     def _take(self, most: int, wait: bool) -> list[Job]:
         taken: list[Job] = []
@@ -280,8 +288,6 @@ def chunk(job: Job, model_name: str, delta: dict[str, str], finish: str | None =
 
 def check_port(host: str, port: int) -> None:
     """Raise RainError if (host, port) cannot be listened on."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as err:
@@ -380,7 +386,10 @@ def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
                     if job.events.get()[0] == "error":  # refused before it started: a plain error reply
                         raise job.error  # type: ignore[misc]
                 else:
-                    job.done.wait()
+                    while not job.done.wait(0.25):
+                        if self._client_gone():
+                            job.cancelled = True
+                            return
                     if job.error is not None:
                         raise job.error
             except RequestError as err:
@@ -432,13 +441,27 @@ def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
 
             try:
                 self._events(job, event)
-            except (BrokenPipeError, ConnectionResetError):  # the client left; its answer is still computed
-                print("rain: a streaming client disconnected", file=server.log, flush=True)
+            except (BrokenPipeError, ConnectionResetError):  # the client left: stop computing its answer
+                job.cancelled = True
+
+        def _client_gone(self) -> bool:
+            """True if the client closed its connection (readable, but nothing to read)."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
 
         def _events(self, job: Job, event: Any) -> None:
             event(chunk(job, server.model_name, {"role": "assistant"}))
             while True:
-                kind, text = job.events.get()
+                try:
+                    kind, text = job.events.get(timeout=0.25)
+                except queue.Empty:
+                    if self._client_gone():
+                        job.cancelled = True
+                        return
+                    continue
                 if kind == "delta":
                     event(chunk(job, server.model_name, {"content": text}))
                 elif kind == "end":
