@@ -94,9 +94,7 @@ class Rain:
     def prepare(self, prompt: Prompt, cfg: RainConfig) -> tuple[PromptFormat, list[int]]:
         """The prompt's format and token ids, after the checks every method needs. A prompt is
         a user message, or a conversation (chat messages: system first, the last one the user's)."""
-        if not isinstance(prompt, str | list | tuple):
-            raise RainError("a prompt is a string or a list of messages")
-        as_messages(prompt)  # raises on an empty prompt or a malformed conversation
+        as_messages(prompt)  # first: an empty prompt or a malformed conversation is the error to report
         fmt = prompt_format(self.tokenizer, cfg.prompt_format, cfg.fewshot)
         context = fmt.render(self.tokenizer, prompt)
         window = self.engine.context_window
@@ -145,15 +143,11 @@ class Rain:
         start = time.perf_counter()
         if cfg.method == "vanilla":
             engine.reset()
-            requests = [(context, [Row(cfg.max_new_tokens, 1.0, 0, greedy=True)], None) for _, context in prepared]
-            with ExitStack() as stack:
-                for counters in [engine.counters, *(owners or [])]:
-                    stack.enter_context(counters.phase("generate"))
-                rows = engine.decode_groups(requests, owners)
+            answers = _greedy_decode(engine, [(context, cfg.max_new_tokens) for _, context in prepared], owners)
             seconds = time.perf_counter() - start
             out = []
-            for i, ((fmt, _), (sample,)) in enumerate(zip(prepared, rows)):
-                gen = self._vanilla_generation(sample.tokens, fmt, cfg, owners[i] if owners else engine.counters,
+            for i, ((fmt, _), tokens) in enumerate(zip(prepared, answers)):
+                gen = self._vanilla_generation(tokens, fmt, cfg, owners[i] if owners else engine.counters,
                                                seconds, batch)
                 if owners:
                     gen.stats["batch_compute"] = engine.counters.to_dict()
@@ -333,7 +327,7 @@ class ContinuousBatch:
         started = []
         for (key, fmt, context, cfg, evaluator, _), owner in zip(searches, owners):
             env = ModelEnv(engine, evaluator, self.rain.embedder, context, fmt, cfg, owner=owner)
-            self.live[key] = _Live(env, fmt, cfg, owner, peak=len(self.live) + 1)
+            self.live[key] = _Live(env, peak=len(self.live) + 1)
             started.append((key, self.lockstep.add(key, RainSearch(env, cfg))))
         for key, _ in started:  # the setup's wall time, split among the answers it started
             self.live[key].share += (time.perf_counter() - start) / len(started)
@@ -349,8 +343,7 @@ class ContinuousBatch:
         if live is not None:
             self.lockstep.remove(key)
             live.env.close()
-            if self.engine.reuse_cache:
-                self.engine.retain(self.constants, owner=self, exact=True)
+            self._free()
 
     def partial_text(self, key: Hashable) -> str | None:
         """The text a live RAIN answer has committed so far, held back where it may still change
@@ -359,15 +352,16 @@ class ContinuousBatch:
         live, search = self.live.get(key), self.lockstep.searches.get(key)
         if live is None or search is None:
             return None
-        text = self.rain._text(live.fmt, list(search.answer))
-        if not live.fmt.chat:
+        text = self.rain._text(live.env.fmt, list(search.answer))
+        if not live.env.fmt.chat:
             text = text[:max(0, len(text) - len(TURN_MARKER))]
         return text.rstrip("\ufffd")
 
     def step(self) -> dict[Hashable, Generation]:
         """One round of every live search (and the queued vanilla answers); the answers finished.
         Each answer's stats get `seconds_shared`: its share of the wall time (every phase's time
-        split evenly among the answers that took part), beside `seconds`, its wall time."""
+        split evenly among the answers that took part), beside `seconds`, its wall time; and
+        `prompt_tokens`, the length of its rendered prompt."""
         engine, embedder = self.engine, self.rain._embedder
         for counters in (engine.counters, *([embedder.counters] if embedder else [])):
             counters.reset()  # each answer counts its own work; the shared counters must not grow forever
@@ -384,32 +378,35 @@ class ContinuousBatch:
             live.share += (time.perf_counter() - start) / len(running)
         for key, result in results.items():
             finished[key] = self._finish(key, result)
-        if finished and engine.reuse_cache:  # free what only finished answers kept
-            engine.retain(self.constants, owner=self, exact=True)
+        if finished:
+            self._free()
         return finished
+
+    def _free(self) -> None:
+        """Drop cached work only finished or cancelled answers kept (the templates' constant parts stay)."""
+        if self.engine.reuse_cache:
+            self.engine.retain(self.constants, owner=self, exact=True)
 
     def _vanilla(self, queued: list[Queued], in_flight: int) -> dict[Hashable, Generation]:
         engine = self.engine
         owners = [Counters() for _ in queued]
         start = time.perf_counter()
-        with ExitStack() as stack:
-            for counters in [engine.counters, *owners]:
-                stack.enter_context(counters.phase("generate"))
-            rows = engine.decode_groups([(context, [Row(cfg.max_new_tokens, 1.0, 0, greedy=True)], None)
-                                         for _, _, context, cfg in queued], owners)
+        answers = _greedy_decode(engine, [(context, cfg.max_new_tokens) for _, _, context, cfg in queued], owners)
         seconds = time.perf_counter() - start
         out = {}
-        for (key, fmt, _, cfg), (sample,), owner in zip(queued, rows, owners):
-            gen = out[key] = self.rain._vanilla_generation(sample.tokens, fmt, cfg, owner, seconds, in_flight)
+        for (key, fmt, context, cfg), tokens, owner in zip(queued, answers, owners):
+            gen = out[key] = self.rain._vanilla_generation(tokens, fmt, cfg, owner, seconds, in_flight)
             gen.stats["seconds_shared"] = round(seconds / len(queued), 3)
+            gen.stats["prompt_tokens"] = len(context)
         return out
 
     def _finish(self, key: Hashable, result: SearchResult) -> Generation:
         live = self.live.pop(key)
         live.env.close()
-        gen = self.rain._rain_generation(live.env, result, live.fmt, live.cfg, live.owner, result.seconds, False,
-                                         live.peak)
+        env = live.env
+        gen = self.rain._rain_generation(env, result, env.fmt, env.cfg, env.owner, result.seconds, False, live.peak)
         gen.stats["seconds_shared"] = round(live.share, 3)
+        gen.stats["prompt_tokens"] = len(env.context)
         return gen
 
 
@@ -417,12 +414,21 @@ class ContinuousBatch:
 class _Live:
     """A RAIN answer in a continuous batch."""
 
-    env: ModelEnv
-    fmt: PromptFormat
-    cfg: RainConfig
-    owner: Counters
+    env: ModelEnv  # its prompt format, settings and own counters (owner) live there
     peak: int = 1  # the most answers in flight beside it, itself included
     share: float = 0.0  # its share of the wall time so far
+
+
+def _greedy_decode(engine: HFEngine, requests: list[tuple[list[int], int]],
+                   owners: list[Counters] | None) -> list[list[int]]:
+    """Vanilla answers, (context, max tokens) each, greedy-decoded as one batch; counted under
+    "generate" in the engine's counters and each answer's own (`owners`, optional)."""
+    with ExitStack() as stack:
+        for counters in [engine.counters, *(owners or [])]:
+            stack.enter_context(counters.phase("generate"))
+        rows = engine.decode_groups([(context, [Row(n, 1.0, 0, greedy=True)], None) for context, n in requests],
+                                    owners)
+    return [sample.tokens for (sample,) in rows]
 
 
 def _prefill_together(engine: HFEngine, answers: list[tuple[list[int], Any, Counters]]) -> None:

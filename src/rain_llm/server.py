@@ -68,7 +68,6 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     sent: str = ""  # streamed so far
     result: Any = None
-    prompt_tokens: int = 0
     error: RequestError | None = None
     cancelled: bool = False  # set by the handler when its client went away
 
@@ -199,7 +198,6 @@ class BatchingWorker(threading.Thread):
             for job, out in finished.items():
                 self.in_flight.discard(job)
                 job.result = out
-                job.prompt_tokens = len(self.rain.prepare(job.prompt, job.cfg)[1])  # the worker alone tokenizes
                 print(f"rain: answered a request ({out.method}, {len(out.token_ids)} tokens, "
                       f"{out.stats['seconds']:.2f} s, alongside up to {out.stats.get('batch', 1) - 1} others)",
                       file=self.log, flush=True)
@@ -259,6 +257,7 @@ class BatchingWorker(threading.Thread):
 def chat_response(job: Job, model_name: str, stop_ids: frozenset[int]) -> dict[str, Any]:
     """An OpenAI chat.completion object for a finished job; RAIN's figures under the extra key 'rain'."""
     out = job.result
+    prompt_tokens = out.stats["prompt_tokens"]
     return {
         "id": job.id,
         "object": "chat.completion",
@@ -267,8 +266,8 @@ def chat_response(job: Job, model_name: str, stop_ids: frozenset[int]) -> dict[s
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
                      "finish_reason": finish_reason(out.token_ids, stop_ids, job.cfg.max_new_tokens),
                      "logprobs": None}],
-        "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(out.token_ids),
-                  "total_tokens": job.prompt_tokens + len(out.token_ids)},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(out.token_ids),
+                  "total_tokens": prompt_tokens + len(out.token_ids)},
         "rain": {"method": out.method, "stats": out.stats},
     }
 
