@@ -283,6 +283,90 @@ def test_score_many_equals_score_options(tiny, tokenizer, ctx):
     assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(again, got))
 
 
+def test_fused_scoring_equals_two_forwards(tiny, tokenizer, ctx):
+    """The GPU form of score_many (one forward, option rows repeat their prompt's uncached tail)
+    gives the same probabilities as the CPU form (tails first, then the option rows) and stores
+    the tails: scoring again runs only the option rows."""
+    _, model = tiny
+    requests = [(ctx, [[11, 12, 13, 14], [15, 16]], [32, 33]), (ctx[:4] + [50, 51], [[11, 12], [15]], [40, 41]),
+                (ctx * 2, [[7], [8, 9, 10]], [32, 33])]
+    two, one = make(model, tokenizer), make(model, tokenizer)
+    one.fuse_scoring = True
+    for eng in (two, one):
+        eng.next_logits(ctx[:6])
+    base = [eng.counters.total().forward_passes for eng in (two, one)]
+    expected, got = two.score_many(requests), one.score_many(requests)
+    assert two.counters.total().forward_passes - base[0] == 2
+    assert one.counters.total().forward_passes - base[1] == 1
+    for a, b in zip(got, expected):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-7)
+    for prefix, _, _ in requests:  # the tails went to the prefix tree, exactly
+        assert np.abs(one.next_logits(prefix) - full_logits(model, prefix)).max() < TOL
+    before = one.counters.total()
+    again = one.score_many(requests)
+    assert one.counters.total().tokens - before.tokens == 6 * 4  # only the option rows
+    assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(again, got))
+
+
+def test_stream_rows_joining_late_decode_as_alone(tiny, tokenizer, ctx):
+    """Requests that join a running DecodeStream at different steps get the tokens and
+    log-probabilities they get alone; each returns at the step its own rows are done, not when
+    the longest row of the batch is; what the stream stored in the prefix tree is exact."""
+    _, model = tiny
+    eng = make(model, tokenizer)
+    eng.stop_ids = frozenset()
+    eng.next_logits(ctx)
+    eng.next_logits(ctx[:5])
+    plan = {  # key: (joins at step, context, rows)
+        "long": (0, ctx, [Row(12, 1.0, 15, greedy=True), Row(12, 1.0, 15)]),
+        "short": (1, ctx[:5], [Row(2, 1.0, 15), Row(3, 2.0, 0)]),
+        "tail": (2, ctx + [17], [Row(4, 1.0, 15), Row(4, 1.0, 15)]),  # last token uncached
+        "fresh": (3, [3, 9, 4, 4, 8], [Row(3, 1.0, 0)]),  # nothing cached
+    }
+    rng = np.random.default_rng(5)
+    uniforms = {k: rng.random((len(rows), 12)) for k, (_, _, rows) in plan.items()}
+    stream = eng.stream()
+    done_at, got = {}, {}
+    for step in range(30):
+        for key, (at, context, rows) in plan.items():
+            if at == step:
+                stream.join(key, context, rows, uniforms[key])
+        for key, samples in stream.step().items():
+            done_at[key], got[key] = step, samples
+        if not stream and step > 3:
+            break
+    assert done_at["short"] < done_at["long"] and done_at["fresh"] < done_at["long"]
+    assert done_at["short"] == 1 + 3 - 1  # its longest row's last token is picked at its third step
+    assert done_at["tail"] == 2 + 4  # one step feeds the uncached last token, then four picks
+    for key, (_, context, rows) in plan.items():
+        alone = make(model, tokenizer)
+        alone.stop_ids = frozenset()
+        expected = alone.decode_rows(context, rows, uniforms[key])
+        assert [s.tokens for s in got[key]] == [s.tokens for s in expected], key
+        assert [s.logprob for s in got[key]] == pytest.approx([s.logprob for s in expected], abs=1e-4)
+        for s in got[key]:
+            ids = context + s.tokens[:-1]
+            assert np.abs(eng.next_logits(ids) - full_logits(model, ids)).max() < TOL
+
+
+def test_stream_cancel_drops_only_that_request(tiny, tokenizer, ctx):
+    _, model = tiny
+    eng = make(model, tokenizer)
+    eng.stop_ids = frozenset()
+    u = np.random.default_rng(1).random((2, 8))
+    stream = eng.stream()
+    stream.join("a", ctx, [Row(8, 1.0, 15), Row(8, 1.0, 15)], u)
+    stream.join("b", ctx[:6], [Row(8, 1.0, 15), Row(8, 1.0, 15)], u)
+    stream.step()
+    stream.cancel("a")
+    out = {}
+    while stream:
+        out.update(stream.step())
+    assert list(out) == ["b"]
+    assert stream.cache is None  # nothing left in the buffer
+    assert [s.tokens for s in out["b"]] == [s.tokens for s in make(model, tokenizer).decode_rows(ctx[:6], [Row(8, 1.0, 15)] * 2, u)]
+
+
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 15), (2.0, 5), (0.7, 0)])
 def test_sampling_follows_the_warped_distribution(temperature, top_k):
     """Inverse-CDF sampling on an even grid of uniforms reproduces the temperature + top-k

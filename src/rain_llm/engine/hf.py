@@ -249,6 +249,10 @@ class HFEngine:
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        # Score a batch of evaluation prompts in one forward (each option row repeats its prompt's
+        # uncached tail) rather than two (tails once, then the option rows): on a GPU a forward's
+        # fixed cost outweighs the repeated tokens; on a CPU every token costs, so two forwards.
+        self.fuse_scoring = self.device.type == "cuda"
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, *, special: bool = False) -> list[int]:
@@ -417,82 +421,9 @@ class HFEngine:
         return cache, pads, logits
 
     # ------------------------------------------------------------------ sampling
-    def _decode(self, groups: Sequence[tuple[Sequence[int], int]], length: int,
-                pick: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
-                done: Callable[[int, list[int]], bool],
-                owners: Sequence[Counters | None] | None = None) -> tuple[list[list[int]], list[float]]:
-        """Shared decode loop over groups of rows (context, number of rows): `pick(logits [rows,
-        vocab], step) -> (tokens, logprobs)`; a row stops once `done(row, its tokens)`. Finished
-        rows leave the batch (their KV goes to the prefix tree first), so a long row does not drag
-        the short ones along. Several contexts share one left-padded batch (reuse on)."""
-        group_of = [g for g, (_, n) in enumerate(groups) for _ in range(n)]
-        rows = len(group_of)
-        if owners is None and self.charge_to is not None:
-            owners = [self.charge_to] * len(groups)
-        row_owner = [owners[g] for g in group_of] if owners else None
-        if len(groups) == 1:
-            context = groups[0][0]
-            cache, logits, node = self._prefill(context, rows, length, owners[0] if owners else None)
-            pads, start, first = None, len(context), [logits]
-            nodes: list[Any] = [node]
-        else:
-            for g, (context, _) in enumerate(groups):
-                self._asked(context, owners[g] if owners else None)
-            self._encode_many([c for c, _ in groups], owners)
-            cache, pads, first = self._gather([c for c, _ in groups], [n for _, n in groups], length)
-            start, nodes = max(len(c) for c, _ in groups), [None] * len(groups)
-        step_logits = torch.stack([first[g] for g in group_of])  # [rows, vocab]; finished rows are stale
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logprob = [0.0] * rows
-        # Rows holding the same tokens so far share one batch slot (one forward row, one KV row):
-        # sampled rows often repeat the greedy row's first tokens, and computing them twice is waste.
-        # At the start every row of a group shares the group's first row (identical contexts).
-        first_row = {g: group_of.index(g) for g in range(len(groups))}
-        slot_of = [first_row[g] for g in group_of]  # each live row's slot in the cache
-        active = list(range(rows))  # live rows
-        last_logits: list[torch.Tensor] = [first[g] for g in group_of]  # after each row's last fed token
-        for step in range(length):
-            chosen, lp = pick(step_logits, step)
-            chosen_list, lp_list = chosen.tolist(), lp.tolist()
-            still, leaving = [], []
-            for r in active:
-                tokens[r].append(chosen_list[r])
-                logprob[r] += lp_list[r]
-                if done(r, tokens[r]) or step == length - 1:
-                    leaving.append((tokens[r][:-1], slot_of[r], last_logits[r], group_of[r]))
-                    self._asked(list(groups[group_of[r]][0]) + tokens[r][:-1], row_owner[r] if row_owner else None)
-                else:
-                    still.append(r)
-            for g in sorted({leave[3] for leave in leaving}):
-                node = nodes[g]
-                if node is None and self.reuse_cache:  # looked up now: other groups' lookups split chunks
-                    _, node, pos, _ = self.prefix_cache.lookup(groups[g][0])
-                    node = node if pos == len(groups[g][0]) else None
-                self._store(node, [leave[:3] for leave in leaving if leave[3] == g], cache, start)
-            if not still:
-                break
-            fed: dict[tuple[int, int], int] = {}  # (parent slot, token) -> new slot
-            rep: list[int] = []  # a row fed in each new slot
-            for r in still:
-                key = (slot_of[r], chosen_list[r])
-                if key not in fed:
-                    fed[key] = len(rep)
-                    rep.append(r)
-                slot_of[r] = fed[key]
-            parents = [parent for parent, _ in fed]
-            if parents != list(range(cache.layers[0].kbuf.shape[0])):
-                _select_rows(cache, parents)
-            active = still
-            out, cache = self._forward(torch.tensor([[chosen_list[r]] for r in rep]), cache,
-                                       pads=[pads[r] for r in rep] if pads else None,
-                                       owners=[row_owner[r] for r in rep] if row_owner else None)
-            fresh = out[:, -1]
-            step_logits = step_logits.clone() if step == 0 else step_logits
-            rows_now = torch.tensor(active, device=fresh.device)
-            step_logits[rows_now] = fresh[torch.tensor([slot_of[r] for r in active], device=fresh.device)]
-            for r in active:
-                last_logits[r] = fresh[slot_of[r]]
-        return tokens, logprob
+    def stream(self) -> DecodeStream:
+        """Rows that join and leave between forward passes (see `DecodeStream`)."""
+        return DecodeStream(self)
 
     def decode_rows(self, context: Sequence[int], rows: Sequence[Row],
                     uniforms: np.ndarray | None = None) -> list[Sample]:
@@ -504,50 +435,17 @@ class HFEngine:
     def decode_groups(self, requests: Sequence[tuple[Sequence[int], Sequence[Row], np.ndarray | None]],
                       owners: Sequence[Counters | None] | None = None) -> list[list[Sample]]:
         """`decode_rows` for several contexts in one batch: each request is (context, rows,
-        uniforms or None). `owners[i]` (optional) is also charged request i's work."""
+        uniforms or None). `owners[i]` (optional) is also charged request i's work. A
+        `DecodeStream` that all requests join at once, stepped until every row is done."""
         if not requests or any(not context for context, _, _ in requests):
             raise RainError("empty context: nothing to condition on")
-        if len(requests) > 1 and not self.reuse_cache:  # no prefix tree to gather from: one at a time
-            return [self.decode_groups([req], [owners[i]] if owners else None)[0] for i, req in enumerate(requests)]
-        all_rows = [row for _, rows, _ in requests for row in rows]
-        n, length = len(all_rows), max(r.max_tokens for r in all_rows)
-        u = torch.full((n, length), 0.5, dtype=torch.float64)
-        start = 0
-        for _, rows, uniforms in requests:
-            width = max(r.max_tokens for r in rows)
-            if uniforms is None:
-                uniforms = torch.rand(len(rows), width, generator=self.generator, dtype=torch.float64).numpy()
-            block = torch.as_tensor(np.asarray(uniforms, dtype=np.float64).reshape(len(rows), -1))
-            u[start:start + len(rows), :block.shape[1]] = block[:, :length]
-            start += len(rows)
-        by_rule: dict[tuple[float, int], list[int]] = {}
-        for i, r in enumerate(all_rows):
-            by_rule.setdefault((r.temperature, r.top_k), []).append(i)
-        greedy = torch.tensor([r.greedy for r in all_rows])
-
-        rules = [(temperature, top_k, torch.tensor(idx), greedy[idx]) for (temperature, top_k), idx in by_rule.items()]
-
-        def pick(logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if len(rules) == 1:
-                temperature, top_k, _, is_greedy = rules[0]
-                return _sample(logits, temperature, top_k, u[:, step], is_greedy)
-            chosen = torch.zeros(n, dtype=torch.long)
-            logprob = torch.zeros(n, dtype=torch.float64)
-            for temperature, top_k, idx, is_greedy in rules:
-                chosen[idx], logprob[idx] = _sample(logits[idx.to(logits.device)], temperature, top_k, u[idx, step],
-                                                    is_greedy)
-            return chosen, logprob
-
-        stops = self.stop_ids
-
-        def done(i: int, tokens: list[int]) -> bool:
-            row = all_rows[i]
-            return (tokens[-1] in stops or len(tokens) >= row.max_tokens
-                    or (row.done is not None and row.done(tokens)))
-
-        groups = [(context, len(rows)) for context, rows, _ in requests]
-        tokens, logprob = self._decode(groups, length, pick, done, owners)
-        return split([Sample(t, lp) for t, lp in zip(tokens, logprob)], [len(rows) for _, rows, _ in requests])
+        stream = DecodeStream(self)
+        for i, (context, rows, uniforms) in enumerate(requests):
+            stream.join(i, context, rows, uniforms, owners[i] if owners else None)
+        done: dict[Hashable, list[Sample]] = {}
+        while stream:
+            done.update(stream.step())
+        return [done[i] for i in range(len(requests))]
 
     def sample(self, context: Sequence[int], rows: int, length: int, *, temperature: float, top_k: int,
                greedy_first: bool, uniforms: np.ndarray | None = None) -> list[Sample]:
@@ -612,6 +510,13 @@ class HFEngine:
             for suffix in suffixes:
                 self._asked(list(prefix) + list(suffix), owners[i] if owners else None)
         prefixes = [prefix for prefix, _, _ in requests]
+        if self.fuse_scoring:
+            found = []  # (cached KV segments, their length); captured at once: later lookups split chunks
+            for prefix in prefixes:
+                path, _, pos, _ = self.prefix_cache.lookup(prefix)
+                found.append(([c.kv for c in path if c.kv is not None], pos))
+            if max(pos for _, pos in found) > 0:
+                return self._score_fused(requests, found, owners)
         self._encode_many(prefixes, owners)
         width = max(len(s) for _, suffixes, _ in requests for s in suffixes)
         cache, pads, _ = self._gather(prefixes, [len(suffixes) for _, suffixes, _ in requests], width)
@@ -624,6 +529,37 @@ class HFEngine:
         last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
         probs = torch.softmax(last, dim=-1).cpu().numpy().astype(np.float64)
         blocks = split(probs, [len(suffixes) for _, suffixes, _ in requests])
+        return [block[:, list(option_ids)] for block, (_, _, option_ids) in zip(blocks, requests)]
+
+    def _score_fused(self, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]],
+                     found: list[tuple[list[KV], int]],
+                     owners: Sequence[Counters | None] | None) -> list[np.ndarray]:
+        """`score_many` in one forward: row = a prompt's uncached tail + one option suffix, the
+        cached parts left-padded to one column; each tail's KV is stored from its first row."""
+        segments = [segs for segs, _ in found]
+        starts = [pos for _, pos in found]
+        tails = [list(prefix[pos:]) for (prefix, _, _), pos in zip(requests, starts)]
+        rows = [tail + list(s) for tail, (_, suffixes, _) in zip(tails, requests) for s in suffixes]
+        per = [len(suffixes) for _, suffixes, _ in requests]
+        width = max(len(r) for r in rows)
+        cache, pads = _padded_cache(segments, per, max(starts) + width)
+        firsts = [sum(per[:i]) for i in range(len(requests))]
+        ends = [len(r) - 1 for r in rows]
+        keep = sorted(set(ends + [len(t) - 1 for t in tails if t]))
+        row_owners = [owners[i] if owners else None for i, n in enumerate(per) for _ in range(n)]
+        padded = [r + [r[-1]] * (width - len(r)) for r in rows]  # right padding: causal rows never see it
+        logits, cache = self._forward(torch.tensor(padded), cache, keep=keep, pads=pads, owners=row_owners)
+        start = max(starts)
+        for i, ((prefix, _, _), pos, tail) in enumerate(zip(requests, starts, tails)):
+            if not tail:
+                continue
+            _, node, now, cached = self.prefix_cache.lookup(prefix)
+            if cached is None:  # not stored by an identical prompt of this batch
+                kv = _cache_kv(cache, start + now - pos, start + len(prefix) - pos, firsts[i])
+                node.add(_Chunk(tuple(prefix[now:]), kv, logits[firsts[i], keep.index(len(tail) - 1)].clone()))
+        last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
+        probs = torch.softmax(last, dim=-1).cpu().numpy().astype(np.float64)
+        blocks = split(probs, per)
         return [block[:, list(option_ids)] for block, (_, _, option_ids) in zip(blocks, requests)]
 
     # ------------------------------------------------------------------ memory
@@ -652,6 +588,260 @@ class HFEngine:
     def reset(self) -> None:
         self.prefix_cache.clear()
         self._retained.clear()
+
+
+class _Request:
+    """Rows of one `DecodeStream.join`: their tokens so far and what they sample with."""
+
+    def __init__(self, key: Hashable, context: list[int], rows: Sequence[Row], u: np.ndarray,
+                 owner: Counters | None):
+        self.key, self.context, self.rows, self.u, self.owner = key, context, list(rows), u, owner
+        self.tokens: list[list[int]] = [[] for _ in self.rows]
+        self.logprob = [0.0] * len(self.rows)
+        self.left = len(self.rows)  # rows not done yet
+        self.segments: KV | list = []  # the context's cached KV (batch 1), while joining
+        self.tail: int | None = None  # the context's last token, when only it is uncached
+
+
+class _LiveRow:
+    """A row decoding now: its batch slot and the logits after its last fed token."""
+
+    __slots__ = ("request", "r", "slot", "logits")
+
+    def __init__(self, request: _Request, r: int, slot: int, logits: torch.Tensor | None):
+        self.request, self.r, self.slot, self.logits = request, r, slot, logits
+
+
+class DecodeStream:
+    """Rows that decode side by side and join or leave between forward passes (continuous
+    batching at the level of tokens). Each `step` samples one token for every row that has
+    logits, then runs one forward for all rows still going; a row that stops leaves at once (its
+    KV goes to the prefix tree) and a request returns as soon as its own rows are done, not when
+    the longest row of the batch is. So searches sharing an engine need not wait for each other's
+    longest rollout: the number of sequential forward passes, what a GPU pays for, stays close to
+    that of the busiest search.
+
+    Layout: one left-padded buffer, every slot's last token at the same column; it is rebuilt
+    (one index_select per layer for the slots that go on, one copy per joining context) when rows
+    join, leave or branch, and trimmed to the longest live slot then. Rows holding the same
+    tokens share a slot. A joining context whose last token alone is uncached (a leaf whose token
+    set was just sampled) feeds that token in the step's forward instead of a forward of its own.
+    """
+
+    def __init__(self, engine: HFEngine):
+        self.engine = engine
+        self.cache: DynamicCache | None = None
+        self.pads: list[int] = []  # per slot: left padding
+        self.live: list[_LiveRow] = []
+        self.joining: list[_Request] = []
+        self.requests: dict[Hashable, _Request] = {}
+        self._slot_owner: list[Counters | None] = []  # whose work each slot is
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def join(self, key: Hashable, context: Sequence[int], rows: Sequence[Row],
+             uniforms: np.ndarray | None = None, owner: Counters | None = None) -> None:
+        """Start decoding `rows` after `context` at the next step (`uniforms[r, step]`: row r's
+        inverse-CDF draws; None draws them from the engine's generator). `owner` is charged too."""
+        if not context:
+            raise RainError("empty context: nothing to condition on")
+        if key in self.requests:
+            raise ValueError(f"request {key!r} is already decoding")
+        width = max(r.max_tokens for r in rows)
+        if uniforms is None:
+            u = torch.rand(len(rows), width, generator=self.engine.generator, dtype=torch.float64).numpy()
+        else:
+            u = np.full((len(rows), width), 0.5)
+            block = np.asarray(uniforms, dtype=np.float64).reshape(len(rows), -1)[:, :width]
+            u[:, :block.shape[1]] = block
+        request = _Request(key, list(context), rows, u, owner if owner is not None else self.engine.charge_to)
+        self.requests[key] = request
+        self.joining.append(request)
+
+    def cancel(self, key: Hashable) -> None:
+        """Stop a request's rows (its slots go at the next step)."""
+        request = self.requests.pop(key, None)
+        if request is not None:
+            self.joining = [r for r in self.joining if r is not request]
+            self.live = [row for row in self.live if row.request is not request]
+
+    @torch.inference_mode()
+    def step(self) -> dict[Hashable, list[Sample]]:
+        """Admit joining requests, sample one token per row, run one forward; the requests done."""
+        ready = self._admit()
+        picking = self.live + ready
+        finished: dict[Hashable, list[Sample]] = {}
+        going: list[_LiveRow] = []
+        leaving: dict[int, tuple[_Request, list[tuple[list[int], int, torch.Tensor]]]] = {}
+        if picking:
+            chosen = self._pick(picking)
+            stops = self.engine.stop_ids
+            for row, (token, lp) in zip(picking, chosen):
+                request, r = row.request, row.r
+                tokens = request.tokens[r]
+                tokens.append(token)
+                request.logprob[r] += lp
+                spec = request.rows[r]
+                if (token in stops or len(tokens) >= spec.max_tokens
+                        or (spec.done is not None and spec.done(tokens))):
+                    request.left -= 1
+                    self.engine._asked(request.context + tokens[:-1], request.owner)
+                    if row.slot >= 0:  # fed tokens are in the buffer: keep them in the prefix tree
+                        leaving.setdefault(id(request), (request, []))[1].append((tokens[:-1], row.slot, row.logits))
+                    if request.left == 0:
+                        finished[request.key] = [Sample(t, lp) for t, lp in zip(request.tokens, request.logprob)]
+                else:
+                    going.append(row)
+        for request, rows in leaving.values():
+            self._store(request, rows)
+        for key in finished:
+            del self.requests[key]
+        tails = [request for request in self.joining if request.tail is not None]
+        self.joining = []
+        self._advance(going, tails)
+        return finished
+
+    def _admit(self) -> list[_LiveRow]:
+        """Find each joining context's KV; the rows of those fully cached (logits known) pick now,
+        the others feed their last token in this step's forward."""
+        engine, ready = self.engine, []
+        if not self.joining:
+            return ready
+        for request in self.joining:
+            engine._asked(request.context, request.owner)
+        if engine.reuse_cache:
+            long = [r for r in self.joining if not 0 < engine.prefix_cache.lookup(r.context)[2] >= len(r.context) - 1]
+            if long:  # more than the last token uncached: one batched forward for those
+                engine._encode_many([r.context for r in long], [r.owner for r in long])
+            for request in self.joining:
+                path, _, pos, logits = engine.prefix_cache.lookup(request.context)
+                request.segments = [c.kv for c in path if c.kv is not None]  # captured now: later lookups split
+                if logits is None:
+                    request.tail = request.context[-1]
+                else:
+                    ready += [_LiveRow(request, r, -1, logits) for r in range(len(request.rows))]
+        else:
+            for request in self.joining:
+                cache, logits, _ = engine._prefill(request.context, 1, 0, request.owner)
+                request.segments = [_cache_kv(cache, 0, len(request.context))]
+                ready += [_LiveRow(request, r, -1, logits) for r in range(len(request.rows))]
+        return ready
+
+    def _pick(self, rows: list[_LiveRow]) -> list[tuple[int, float]]:
+        """One token per row by its own rule and uniform (rows grouped by rule, one call each)."""
+        logits = torch.stack([row.logits for row in rows])
+        u = torch.from_numpy(np.array([row.request.u[row.r, len(row.request.tokens[row.r])] for row in rows]))
+        greedy = torch.tensor([row.request.rows[row.r].greedy for row in rows])
+        by_rule: dict[tuple[float, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            spec = row.request.rows[row.r]
+            by_rule.setdefault((spec.temperature, spec.top_k), []).append(i)
+        tokens = torch.zeros(len(rows), dtype=torch.long)
+        logprob = torch.zeros(len(rows), dtype=torch.float64)
+        for (temperature, top_k), idx in by_rule.items():
+            if len(by_rule) == 1:
+                tokens, logprob = _sample(logits, temperature, top_k, u, greedy)
+                break
+            index = torch.tensor(idx)
+            tokens[index], logprob[index] = _sample(logits[index.to(logits.device)], temperature, top_k, u[index],
+                                                    greedy[index])
+        return list(zip(tokens.tolist(), logprob.tolist()))
+
+    def _store(self, request: _Request, rows: list[tuple[list[int], int, torch.Tensor]]) -> None:
+        """Rows of one request leaving together fed as many tokens: they end at the buffer's last column."""
+        engine = self.engine
+        if not engine.reuse_cache or self.cache is None:
+            return
+        _, node, pos, _ = engine.prefix_cache.lookup(request.context)
+        if pos == len(request.context):
+            fed = len(rows[0][0])
+            engine._store(node, rows, self.cache, self.cache.layers[0].length - fed)
+
+    def _advance(self, going: list[_LiveRow], tails: list[_Request]) -> None:
+        """New slots for the rows that go on (rows with the same parent slot and token share one)
+        and for joining contexts that feed their last token; one forward over them."""
+        engine = self.engine
+        sources: list[tuple[int, _Request | None, int]] = []  # (old slot or -1, joining request, token)
+        index: dict[tuple[int, int, int], int] = {}
+        tokens_of = {id(row): row.request.tokens[row.r][-1] for row in going}
+        for row in sorted(going, key=lambda row: row.slot >= 0, reverse=True):  # slots from the buffer first
+            parent = row.slot if row.slot >= 0 else -1
+            key = (parent, id(row.request) if parent < 0 else 0, tokens_of[id(row)])
+            if key not in index:
+                index[key] = len(sources)
+                sources.append((parent, row.request if parent < 0 else None, tokens_of[id(row)]))
+            row.slot = index[key]
+        tail_slot = {}
+        for request in tails:
+            tail_slot[id(request)] = len(sources)
+            sources.append((-1, request, request.tail))
+        self.live = going + [_LiveRow(request, r, tail_slot[id(request)], None) for request in tails
+                             for r in range(len(request.rows))]
+        if not sources:
+            self.cache, self.pads = None, []
+            return
+        room = 1 + max((row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r]) for row in self.live),
+                       default=0)
+        self._rebuild(sources, room)
+        ids = torch.tensor([[token] for _, _, token in sources])
+        out, self.cache = engine._forward(ids, self.cache, pads=self.pads, owners=self._slot_owner)
+        fresh = out[:, -1]
+        for row in self.live:
+            row.logits = fresh[row.slot]
+        for request in tails:  # the context's last token is computed now: keep it with its logits
+            slot = tail_slot[id(request)]
+            if engine.reuse_cache:
+                _, node, pos, logits = engine.prefix_cache.lookup(request.context)
+                if logits is None and pos == len(request.context) - 1:
+                    end = self.cache.layers[0].length
+                    node.add(_Chunk((request.tail,), _cache_kv(self.cache, end - 1, end, slot), fresh[slot].clone()))
+            request.tail, request.segments = None, []
+
+    def _rebuild(self, sources: list[tuple[int, _Request | None, int]], room: int) -> None:
+        """The buffer for the next forward: each new slot copies an old slot or a joining context,
+        left-padded to the longest, with `room` more columns; kept as it is when every old slot
+        goes on in place and there is room."""
+        old = self.cache
+        col = old.layers[0].length if old is not None else 0
+        parents = [parent for parent, _, _ in sources]
+        self._slot_owner = [self._slot_owner[p] if p >= 0 else request.owner for p, request, _ in sources]
+        if (old is not None and parents == list(range(old.layers[0].kbuf.shape[0]))
+                and col < old.layers[0].kbuf.shape[2]):
+            return
+        lengths = [col - self.pads[p] if p >= 0 else sum(kv[0][0].shape[-2] for kv in request.segments)
+                   for p, request, _ in sources]
+        width = max(lengths)
+        kept = [p for p in parents if p >= 0]
+        kept_width = max(lengths[:len(kept)], default=0)
+        alloc = torch.zeros if any(n < width for n in lengths) else torch.empty  # padding must be finite
+        like = old.layers if old is not None else None
+        layers = []
+        for layer in range(len(like) if like is not None else len(next(r for p, r, _ in sources if p < 0).segments[0])):
+            if like is not None:
+                k0, v0 = like[layer].kbuf, like[layer].vbuf
+            else:
+                k0, v0 = next(r for p, r, _ in sources if p < 0).segments[0][layer]
+            shape = (len(sources), k0.shape[1], width + room, k0.shape[3])
+            kbuf = alloc(shape, dtype=k0.dtype, device=k0.device)
+            vbuf = alloc((*shape[:3], v0.shape[3]), dtype=v0.dtype, device=v0.device)
+            if kept:
+                index = torch.tensor(kept, device=k0.device)
+                kbuf[:len(kept), :, width - kept_width:width] = k0[:, :, col - kept_width:col].index_select(0, index)
+                vbuf[:len(kept), :, width - kept_width:width] = v0[:, :, col - kept_width:col].index_select(0, index)
+            slot = len(kept)
+            while slot < len(sources):  # a joining context's slots are consecutive: one copy for them
+                request, end = sources[slot][1], slot
+                while end < len(sources) and sources[end][1] is request:
+                    end += 1
+                n = lengths[slot]
+                kbuf[slot:end, :, width - n:width] = _concat(request.segments, layer, 0)
+                vbuf[slot:end, :, width - n:width] = _concat(request.segments, layer, 1)
+                slot = end
+            layers.append(_BufferLayer(kbuf, vbuf, width))
+        self.cache = DynamicCache()
+        self.cache.layers = layers
+        self.pads = [width - n for n in lengths]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor,
