@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from rain_llm import Rain, load_config
+from rain_llm.engine.base import PhaseCount
+from rain_llm.errors import RainError
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a long and detailed story about a dragon who learns to sing."]
 
@@ -40,6 +42,29 @@ def test_lockstep_answers_equal_one_by_one(rain):
     assert sum(g.stats["compute"]["total"]["tokens"] for g in together) == whole["tokens"]
     for g in together:
         assert g.stats["compute"]["expand"]["tokens"] > 0 and g.stats["compute"]["evaluate"]["tokens"] > 0
+
+
+def test_token_schedule_equals_round_schedule_with_fewer_expansion_forwards(rain):
+    """Searches stepped token by token (each moves on when its own rows are done) give the
+    answers of whole iterations in lockstep, with fewer sequential expansion forwards: short
+    searches no longer wait for the batch's longest row (here one answer samples 12-token sets)."""
+    settings = {"long": cfg(token_set_lengths=(1, 2, 12), max_rollout_tokens=12), "a": cfg(), "b": cfg(seed=1),
+                "c": cfg(max_new_tokens=6), "d": cfg(t_max=4)}
+    prompts = dict(zip(settings, PROMPTS + ["Tell me a joke.", "What is 2 + 2?"]))
+    answers, expand = {}, {}
+    for schedule in ("round", "token"):
+        batch = rain.continuous_batch(schedule)
+        batch.add_many([(k, prompts[k], c) for k, c in settings.items()])
+        answers[schedule], expand[schedule] = {}, 0
+        while batch:
+            answers[schedule].update(batch.step())
+            expand[schedule] += rain.engine.counters.phases.get("expand", PhaseCount()).forward_passes
+    for key in settings:
+        assert answers["token"][key].token_ids == answers["round"][key].token_ids, key
+        assert answers["token"][key].stats["iterations_per_step"] == answers["round"][key].stats["iterations_per_step"]
+    assert expand["token"] < 0.8 * expand["round"]
+    with pytest.raises(RainError, match="schedule must be"):
+        rain.generate_many(PROMPTS, cfg(), schedule="tick")
 
 
 def test_lockstep_keeps_each_answers_cache(rain):

@@ -19,7 +19,7 @@ from .config import RainConfig
 from .embedder import MiniLMEmbedder
 from .engine.base import Counters, Row
 from .engine.hf import HFEngine
-from .env import ModelEnv, embed_many, expand_many, value_many
+from .env import ExpandStream, ModelEnv, embed_many, expand_many, value_many
 from .errors import RainError
 from .evaluators import SelfEvaluator, load_template
 from .models import load_model
@@ -103,9 +103,10 @@ class Rain:
                             f"exceed the model's context window of {window}")
         return fmt, context
 
-    def continuous_batch(self) -> ContinuousBatch:
-        """Answers that join and leave a running lockstep batch (see ContinuousBatch)."""
-        return ContinuousBatch(self)
+    def continuous_batch(self, schedule: str = "token") -> ContinuousBatch:
+        """Answers that join and leave a running batch (see ContinuousBatch; `schedule` as in
+        `generate_many`)."""
+        return ContinuousBatch(self, schedule)
 
     @property
     def embedder(self) -> MiniLMEmbedder:
@@ -124,15 +125,20 @@ class Rain:
     def generate_many(self, prompts: Sequence[Prompt], config: RainConfig | None = None, *, trace: bool = False,
                       progress: ProgressFn | None = None,
                       value_fn: ValueSource | Callable[[str, str], float] | None = None,
-                      **overrides: Any) -> list[Generation]:
-        """Answer several prompts at once, same settings for all. RAIN runs their searches in
-        lockstep and batches each round's expansions and evaluations across prompts (one forward
-        per step for all of them); vanilla decodes them as one batch. Each answer's `stats`
-        carries its own share of the work (`compute`) and the batch size; one prompt = `generate`."""
+                      schedule: str = "token", **overrides: Any) -> list[Generation]:
+        """Answer several prompts at once, same settings for all. RAIN runs their searches side
+        by side and batches their expansions, evaluations and embeddings across prompts; vanilla
+        decodes them as one batch. `schedule`: "token" (default) steps the searches one token at a
+        time, each moving on as soon as its own rows are done; "round" runs whole iterations in
+        lockstep (each waits for the batch's longest row; kept for comparison, see `Lockstep`).
+        Each answer's `stats` carries its own share of the work (`compute`) and the batch size;
+        one prompt = `generate`."""
         cfg = config or RainConfig()
         cfg = cfg.replace(**overrides) if overrides else cfg.validate()
         if not isinstance(prompts, list | tuple) or not prompts:
             raise RainError("no prompts: give at least one")
+        if schedule not in ("token", "round"):
+            raise RainError(f"schedule must be 'token' or 'round', not {schedule!r}")
         prepared = [self.prepare(p, cfg) for p in prompts]  # every prompt checked before any work
         engine = self.engine
         engine.reuse_cache = cfg.reuse_cache
@@ -176,7 +182,9 @@ class Rain:
         envs = [ModelEnv(engine, ev, embedder, context, fmt, cfg, owner=owners[i] if owners else None)
                 for i, (ev, (fmt, context)) in enumerate(zip(evaluators, prepared))]
         searches = [RainSearch(env, cfg, trace=trace, progress=progress if batch == 1 else None) for env in envs]
-        results = run_lockstep(searches, expand_many, value_many, embed_many) if batch > 1 else [searches[0].run()]
+        stream = ExpandStream() if schedule == "token" else None
+        results = run_lockstep(searches, expand_many, value_many, embed_many, stream) if batch > 1 \
+            else [searches[0].run()]
         for env in envs:
             env.close()
         seconds = time.perf_counter() - start
@@ -270,10 +278,12 @@ class ContinuousBatch:
     One continuous batch at a time per Rain: it shares the engine's cache with its answers only.
     """
 
-    def __init__(self, rain: Rain):
+    def __init__(self, rain: Rain, schedule: str = "token"):
+        if schedule not in ("token", "round"):
+            raise RainError(f"schedule must be 'token' or 'round', not {schedule!r}")
         self.rain = rain
         self.engine = rain.engine
-        self.lockstep = Lockstep(expand_many, value_many, embed_many)
+        self.lockstep = Lockstep(expand_many, value_many, embed_many, ExpandStream() if schedule == "token" else None)
         self.live: dict[Hashable, _Live] = {}
         self.queued: list[Queued] = []
         self.done: dict[Hashable, Generation] = {}  # finished inside `add`, returned by the next step

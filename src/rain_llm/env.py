@@ -8,7 +8,7 @@ expand (candidate token sets), simulate (rollout to the next punctuation mark), 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -206,43 +206,106 @@ class ModelEnv:
 Job = tuple[Tokens, int, int, int]  # (answer, token-set length, n candidates, sample attempts)
 
 
+def _job_rows(env: ModelEnv, job: Job) -> tuple[tuple[int, int, bool], list[Row]]:
+    """A leaf's decode rows (its candidates unless the token set is one token long, then its
+    rollout) and the plan to read them back: (token-set length, rows, has a rollout)."""
+    answer, length, _, attempts = job
+    length = env._clip(answer, length)
+    rows = env._candidate_rows(length, attempts) if length > 1 else []
+    rollout_row = env._rollout_row(answer)
+    if rollout_row is not None:
+        rows.append(rollout_row)
+    return (length, len(rows), rollout_row is not None), rows
+
+
+def _job_result(env: ModelEnv, job: Job, plan: tuple[int, int, bool],
+                samples: Sequence[Sample]) -> tuple[list[tuple[Tokens, float]], Tokens]:
+    """A leaf's candidates and rollout from its decoded rows."""
+    answer, _, n, attempts = job
+    length, _, has_rollout = plan
+    rollout = tuple(samples[-1].tokens) if has_rollout else ()
+    if length > 1:
+        return env._candidates(list(samples[:len(samples) - int(has_rollout)]), n), rollout
+    return env.propose(answer, 1, n, attempts), rollout  # top-k of the cached next-token logits
+
+
 def expand_many(items: list[tuple[ModelEnv, list[Job]]]) -> list[list[tuple[list[tuple[Tokens, float]], Tokens]]]:
     """Expand many leaves (of one search or of several sharing an engine) as one decode batch:
     each leaf's candidate rows and its rollout row. Results in the order of `items` and jobs."""
     if len({id(env.engine) for env, _ in items}) > 1:  # different models cannot share a batch
         return [[env.expand(*job) for job in jobs] for env, jobs in items]
-    requests, owners, plan = [], [], []
+    requests, owners, plans = [], [], []
     for env, jobs in items:
-        for answer, length, _, attempts in jobs:
-            length = env._clip(answer, length)
-            rows = env._candidate_rows(length, attempts) if length > 1 else []
-            rollout_row = env._rollout_row(answer)
-            if rollout_row is not None:
-                rows.append(rollout_row)
-            plan.append((length, len(rows), rollout_row is not None))
+        for job in jobs:
+            plan, rows = _job_rows(env, job)
+            plans.append(plan)
             if rows:
-                requests.append((env.context + list(answer), rows, env.uniforms(rows)))
+                requests.append((env.context + list(job[0]), rows, env.uniforms(rows)))
                 owners.append(env.owner)
     engine = items[0][0].engine
     samples: list = []
     if requests:
         with _batch_phase([env for env, _ in items], engine, "expand"):
             samples = engine.decode_groups(requests, owners if any(o is not None for o in owners) else None)
-    out: list[list[tuple[list[tuple[Tokens, float]], Tokens]]] = [[] for _ in items]
-    it = iter(samples)
-    k = 0
-    for i, (env, jobs) in enumerate(items):
-        for answer, _, n, attempts in jobs:
-            length, nrows, has_rollout = plan[k]
-            k += 1
-            rows = next(it) if nrows else []
-            rollout = tuple(rows[-1].tokens) if has_rollout else ()
-            if length > 1:
-                candidates = env._candidates(rows[:len(rows) - int(has_rollout)], n)
-            else:  # top-k of the cached next-token logits
-                candidates = env.propose(answer, 1, n, attempts)
-            out[i].append((candidates, rollout))
-    return out
+    it, plan_it = iter(samples), iter(plans)
+    return [[_job_result(env, job, plan, next(it) if plan[1] else [])
+             for job, plan in zip(jobs, plan_it)] for env, jobs in items]
+
+
+class ExpandStream:
+    """Expansions that decode token by token beside other searches' (the engine's `DecodeStream`):
+    `start` a search's leaves, `step` runs one forward for every row in flight and returns the
+    searches whose leaves are all done. A search no longer waits for the longest row of the
+    batch, only for its own (see `Lockstep`)."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, Any] = {}  # per engine
+        self.started: dict[Hashable, tuple[ModelEnv, list[Job], list[tuple[int, int, bool]]]] = {}
+        self.samples: dict[Hashable, dict[int, Sequence[Sample]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.started)
+
+    def start(self, key: Hashable, env: ModelEnv, jobs: list[Job]) -> None:
+        stream = self.streams.get(id(env.engine))
+        if stream is None:
+            stream = self.streams[id(env.engine)] = env.engine.stream()
+        plans = []
+        for j, job in enumerate(jobs):
+            plan, rows = _job_rows(env, job)
+            plans.append(plan)
+            if rows:
+                uniforms = env.uniforms(rows)
+            else:  # one greedy token: the leaf's logits get computed and cached for `propose`
+                rows, uniforms = [Row(1, 1.0, 0, greedy=True)], np.full((1, 1), 0.5)
+            stream.join((key, j), env.context + list(job[0]), rows, uniforms, env.owner)
+        self.started[key] = (env, jobs, plans)
+        self.samples[key] = {}
+
+    def cancel(self, key: Hashable) -> None:
+        started = self.started.pop(key, None)
+        self.samples.pop(key, None)
+        if started is not None:
+            stream = self.streams[id(started[0].engine)]
+            for j in range(len(started[1])):
+                stream.cancel((key, j))
+
+    def step(self) -> dict[Hashable, list[tuple[list[tuple[Tokens, float]], Tokens]]]:
+        out = {}
+        for stream in self.streams.values():
+            if not stream:
+                continue
+            envs = [self.started[key][0] for key in {key for key, _ in stream.requests}]
+            with _batch_phase(envs, stream.engine, "expand"):
+                done = stream.step()
+            for (key, j), samples in done.items():
+                self.samples[key][j] = samples
+        for key in [k for k, (_, jobs, _) in self.started.items() if len(self.samples[k]) == len(jobs)]:
+            env, jobs, plans = self.started.pop(key)
+            samples = self.samples.pop(key)
+            with env.phase("expand"):
+                out[key] = [_job_result(env, job, plan, samples[j]) for j, (job, plan) in enumerate(zip(jobs, plans))]
+        return out
 
 
 def embed_many(items: list[tuple[ModelEnv, list[Tokens]]]) -> list[np.ndarray]:

@@ -429,14 +429,25 @@ ValueMany = Callable[[list[tuple[Any, list[Tokens]]]], list[list[float]]]
 EmbedMany = Callable[[list[tuple[Any, list[Tokens]]]], list[np.ndarray]]
 
 
+class ExpandStream(Protocol):
+    """Expansions decoded token by token beside other searches' (`rain_llm.env.ExpandStream`)."""
+
+    def __len__(self) -> int: ...
+
+    def start(self, key: Hashable, env: Any, jobs: list[Job]) -> None: ...
+
+    def step(self) -> dict[Hashable, list[tuple[list[tuple[Tokens, float]], Tokens]]]: ...
+
+    def cancel(self, key: Hashable) -> None: ...
+
+
 def run_lockstep(searches: Sequence[RainSearch], expand_many: ExpandMany | None = None,
-                 value_many: ValueMany | None = None, embed_many: EmbedMany | None = None) -> list[SearchResult]:
-    """Run several searches at once: each round, all pending "expand" requests go to
-    `expand_many([(env, jobs), ...])` as one call, all "value" requests to `value_many` and all
-    "embed" requests to `embed_many`, so a backend can batch them across prompts. A search that
-    finishes leaves; the others go on. Without the batch functions each env answers its own
-    requests (same results as `run`)."""
-    lockstep = Lockstep(expand_many, value_many, embed_many)
+                 value_many: ValueMany | None = None, embed_many: EmbedMany | None = None,
+                 expand_stream: ExpandStream | None = None) -> list[SearchResult]:
+    """Run several searches at once (see `Lockstep`): their model calls are batched across
+    prompts by the batch functions; a search that finishes leaves, the others go on. Without the
+    batch functions each env answers its own requests (same results as `run`)."""
+    lockstep = Lockstep(expand_many, value_many, embed_many, expand_stream)
     results: dict[Hashable, SearchResult] = {}
     for i, search in enumerate(searches):
         if (done := lockstep.add(i, search)) is not None:
@@ -447,16 +458,29 @@ def run_lockstep(searches: Sequence[RainSearch], expand_many: ExpandMany | None 
 
 
 class Lockstep:
-    """Searches that run side by side and may join or leave between rounds (continuous
-    batching): `add` starts one, `round` answers every search's pending request, one batched
-    call per kind, and returns the searches that finished."""
+    """Searches that run side by side and may join or leave at any `round` (continuous
+    batching): `add` starts one, `round` answers pending requests, one batched call per kind,
+    and returns the searches that finished.
+
+    Without an `expand_stream` a round is one search iteration for every search: all expansions
+    as one decode batch, then all evaluations, then all embeddings; the round lasts as long as
+    its longest row. With one, a round is one token: expansions decode in the stream and a search
+    whose rows are done moves on while others still decode, so a round costs one forward for the
+    expansions, plus one for evaluations when enough searches wait for one (half of them, or
+    any that waited `VALUE_WAIT` rounds, or nothing else decoding) and one embedding call."""
+
+    VALUE_WAIT = 4  # rounds an evaluation may wait for company (one forward serves all waiting)
+    VALUE_SHARE = 0.5  # ... unless this share of the searches is waiting
 
     def __init__(self, expand_many: ExpandMany | None = None, value_many: ValueMany | None = None,
-                 embed_many: EmbedMany | None = None):
+                 embed_many: EmbedMany | None = None, expand_stream: ExpandStream | None = None):
         self.batch_fns = (("expand", expand_many), ("value", value_many), ("embed", embed_many))
+        self.expand_stream = expand_stream
         self.searches: dict[Hashable, RainSearch] = {}
         self.gens: dict[Hashable, Generator[Request, Any, SearchResult]] = {}
         self.pending: dict[Hashable, Request] = {}
+        self.decoding: set[Hashable] = set()  # searches whose expansion is in the stream
+        self.waited: dict[Hashable, int] = {}  # rounds a pending evaluation has waited
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -469,24 +493,56 @@ class Lockstep:
         return self._advance(key, None)
 
     def round(self) -> dict[Hashable, SearchResult]:
+        if self.expand_stream is None:
+            finished: dict[Hashable, SearchResult] = {}
+            for kind, _ in self.batch_fns:
+                finished.update(self._answer(kind, [k for k, (kk, _) in self.pending.items() if kk == kind]))
+            return finished
+        return self._token_round()
+
+    def _token_round(self) -> dict[Hashable, SearchResult]:
+        stream, finished = self.expand_stream, {}
+        for key, (kind, jobs) in self.pending.items():
+            if kind == "expand" and key not in self.decoding:
+                stream.start(key, self.searches[key].env, jobs)
+                self.decoding.add(key)
+        for key, reply in stream.step().items():
+            self.decoding.discard(key)
+            if (done := self._advance(key, reply)) is not None:
+                finished[key] = done
+        waiting = [k for k, (kind, _) in self.pending.items() if kind == "value"]
+        for key in waiting:
+            self.waited[key] = self.waited.get(key, 0) + 1
+        if waiting and (not len(stream) or len(waiting) >= self.VALUE_SHARE * len(self.pending)
+                        or max(self.waited[k] for k in waiting) >= self.VALUE_WAIT):
+            for key in waiting:
+                del self.waited[key]
+            finished.update(self._answer("value", waiting))
+        finished.update(self._answer("embed", [k for k, (kind, _) in self.pending.items() if kind == "embed"]))
+        return finished
+
+    def _answer(self, kind: str, keys: list[Hashable]) -> dict[Hashable, SearchResult]:
+        """Answer these searches' pending requests of one kind (one batched call); advance them."""
         finished: dict[Hashable, SearchResult] = {}
-        for kind, many in self.batch_fns:
-            keys = [k for k, (kk, _) in self.pending.items() if kk == kind]
-            if not keys:
-                continue
-            if many is not None:
-                replies = many([(self.searches[k].env, self.pending[k][1]) for k in keys])
-            else:
-                replies = [_drive_one(self.searches[k], kind, self.pending[k][1]) for k in keys]
-            for k, reply in zip(keys, replies):
-                done = self._advance(k, reply)
-                if done is not None:
-                    finished[k] = done
+        if not keys:
+            return finished
+        many = dict(self.batch_fns)[kind]
+        if many is not None:
+            replies = many([(self.searches[k].env, self.pending[k][1]) for k in keys])
+        else:
+            replies = [_drive_one(self.searches[k], kind, self.pending[k][1]) for k in keys]
+        for k, reply in zip(keys, replies):
+            if (done := self._advance(k, reply)) is not None:
+                finished[k] = done
         return finished
 
     def remove(self, key: Hashable) -> None:
         """Stop a search before it finishes (its client went away)."""
         self.pending.pop(key, None)
+        self.waited.pop(key, None)
+        if key in self.decoding:
+            self.decoding.discard(key)
+            self.expand_stream.cancel(key)
         gen = self.gens.pop(key, None)
         if gen is not None:
             gen.close()
