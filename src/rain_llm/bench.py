@@ -4,7 +4,8 @@ Prints one table and writes JSON (`--out`): per method, seconds per answer token
 vanilla; forward passes and tokens processed per answer token; the ratio of tokens processed to the
 least work the search needed; per phase: forward passes, tokens, seconds; the self-evaluation of the
 final answers (how the value that steers RAIN rates each method's output, e.g. P > 1 against P = 1).
-A method name ending in -bN answers N prompts at once (searches in lockstep). `--random llama3-8b`
+A method name ending in -bN answers the prompts N at a time through a continuous batch (searches
+stepped token by token; "rain-rounds-bN": whole iterations in lockstep, for comparison). `--random llama3-8b`
 builds a random-weight model of Llama-3-8B's shape (bf16 on a GPU) with a real tokenizer, for speed
 work where no weights can be downloaded.
 """
@@ -78,38 +79,87 @@ def random_rain(shape: str, device: str, tokenizer: str | Path | None = None,
 def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str, dict[str, Any]],
               log: Any = sys.stderr) -> dict[str, Any]:
     """Each method on each prompt (after one warm-up per method); a summary per method. A method
-    with "batch": B answers the prompts B at a time (`generate_many`: searches in lockstep)."""
+    with "batch": B answers all the prompts through a continuous batch with B in flight (a new
+    prompt joins as soon as one is answered, as in `rain eval --batch` and `rain serve`)."""
     for kw in methods.values():
         kw = dict(kw)
         batch = kw.pop("batch", 1)
+        kw.pop("schedule", None)
         rain.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for name, kw in methods.items():
         kw = dict(kw)
         batch = kw.pop("batch", 1)
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+        if batch > 1:
+            runs[name].append(run_continuous(rain, cfg.replace(**{k: v for k, v in kw.items() if k != "schedule"}),
+                                             prompts, batch, kw.get("schedule", "token")))
+            rec = runs[name][-1]
+            print(f"[{name}] {len(prompts)} prompts, {batch} at a time: {rec['answer_tokens']:4d} tokens "
+                  f"{rec['seconds']:8.2f}s {rec['tokens']:8d} tokens processed", file=log, flush=True)
+            continue
+        for i, prompt in enumerate(prompts):
+            _sync()
             start = time.perf_counter()
-            outs = rain.generate_many(chunk, cfg, **kw)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            (out,) = rain.generate_many([prompt], cfg, **kw)
+            _sync()
             seconds = time.perf_counter() - start
-            compute = outs[0].stats.get("batch_compute", outs[0].stats["compute"])
-            values = [final_value(rain, cfg, p, o.text) for p, o in zip(chunk, outs)]
+            compute = out.stats["compute"]
             embed = compute.get("embed", {}).get("tokens", 0)
-            answer_tokens = sum(len(o.token_ids) for o in outs)
-            runs[name].append({"prompts": chunk, "answer_tokens": answer_tokens, "seconds": seconds,
-                               "forward_passes": compute["total"]["forward_passes"],
-                               "tokens": compute["total"]["tokens"], "lm_tokens": compute["total"]["tokens"] - embed,
-                               "least_work": sum(o.stats["compute"].get("least_work", {}).get("tokens", 0)
-                                                 for o in outs),
-                               "iterations_per_step": [x for o in outs for x in o.stats.get("iterations_per_step", [])],
-                               "compute": compute, "texts": [o.text for o in outs], "final_values": values})
-            print(f"[{name}] prompts {i + 1}-{i + len(chunk)} of {len(prompts)}: {answer_tokens:4d} tokens "
+            runs[name].append(_record([prompt], [out], seconds, compute, compute.get("least_work", {}).get("tokens", 0),
+                                      [final_value(rain, cfg, prompt, out.text)], embed))
+            print(f"[{name}] prompt {i + 1} of {len(prompts)}: {len(out.token_ids):4d} tokens "
                   f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
     return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()})}
+
+
+def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
+                   schedule: str = "token") -> dict[str, Any]:
+    """All prompts through one continuous batch, `batch` in flight; one record for the whole run
+    (compute: all the work of the model and the embedder, each step's counted once)."""
+    from .engine.base import Counters
+
+    cb = rain.continuous_batch(schedule)
+    counters = [rain.engine.counters] + ([rain.embedder.counters] if cfg.method == "rain" else [])
+    whole = Counters()
+
+    def collect() -> None:
+        for c in counters:
+            whole.merge(c)
+            c.reset()
+
+    collect()
+    whole.reset()
+    queue, outs = list(enumerate(prompts)), {}
+    _sync()
+    start = time.perf_counter()
+    while queue or cb:
+        while queue and len(cb) < batch:
+            key, prompt = queue.pop(0)
+            cb.add(key, prompt, cfg)
+        collect()  # the work of adding (prompts encoded), before the step resets the counters
+        outs.update(cb.step())
+        collect()
+    _sync()
+    seconds = time.perf_counter() - start
+    answers = [outs[i] for i in range(len(prompts))]
+    compute = whole.to_dict()
+    least = sum(o.stats["compute"].get("least_work", {}).get("tokens", 0) for o in answers)
+    values = [final_value(rain, cfg, p, o.text) for p, o in zip(prompts, answers)]
+    return _record(prompts, answers, seconds, compute, least, values, compute.get("embed", {}).get("tokens", 0))
+
+
+def _record(prompts: list[str], outs: list[Any], seconds: float, compute: dict[str, Any], least: int,
+            values: list[float | None], embed_tokens: int) -> dict[str, Any]:
+    return {"prompts": prompts, "answer_tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
+            "forward_passes": compute["total"]["forward_passes"], "tokens": compute["total"]["tokens"],
+            "lm_tokens": compute["total"]["tokens"] - embed_tokens, "least_work": least,
+            "iterations_per_step": [x for o in outs for x in o.stats.get("iterations_per_step", [])],
+            "compute": compute, "texts": [o.text for o in outs], "final_values": values}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def final_value(rain: Rain, cfg: RainConfig, prompt: str, text: str) -> float | None:
@@ -159,8 +209,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]],
 
 
 def unbatched_name(name: str) -> str:
-    """"rain-p4-b16" -> "rain-p4": the method a batched one is compared with."""
-    return re.sub(r"-b[0-9]+$", "", name)
+    """"rain-p4-b16" -> "rain-p4", "rain-rounds-b16" -> "rain": the method a batched one is compared with."""
+    return re.sub(r"(-rounds)?-b[0-9]+$", "", name)
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:

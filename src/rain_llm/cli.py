@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", type=int, default=3, help="number of HH first-turn prompts")
     bench.add_argument("--methods", default="vanilla,rain,rain-no-reuse",
                        help="comma-separated: vanilla, rain, rain-no-reuse, rain-pN (N parallel leaves); "
-                       "-bN after any (e.g. rain-b16): N prompts at once, in lockstep")
+                       "-bN after any (e.g. rain-b16): N prompts in flight in a continuous batch; "
+                       "rain-rounds-bN: the same with whole search iterations in lockstep")
     bench.add_argument("--fixed-budget", action="store_true",
                        help="no early stop (value_threshold 2, fresh_iterations 0): every step runs t_max iterations")
     bench.add_argument("--out", default=None, help="write JSON here")
@@ -265,10 +266,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
             kw = {}
         elif base == "rain-no-reuse":
             kw = {"reuse_cache": False}
+        elif base == "rain-rounds":  # batched searches in whole-iteration lockstep (the older schedule)
+            kw = {"schedule": "round"}
         elif base.startswith("rain-p") and base[6:].isdigit() and int(base[6:]) >= 1:
             kw = {"parallel_leaves": int(base[6:])}
         else:
-            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN; "
+            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN, rain-rounds; "
                             "-bN after any: N prompts at once)")
         methods[m] = kw | ({"batch": batch} if batch > 1 else {})
     if args.prompts < 1:
