@@ -265,8 +265,9 @@ Queued = tuple[Hashable, PromptFormat, list[int], RainConfig]  # a vanilla answe
 class ContinuousBatch:
     """Answers that join a running batch and leave it when done (continuous batching, what a
     server needs). `add` starts an answer: a RAIN search joins the lockstep at once, a vanilla
-    answer is decoded with the other vanilla answers at the next `step`. `step` runs one round of
-    every live search, each kind of model call batched across them, and returns the answers that
+    answer joins the decode stream at the next `step` (with schedule="round": is decoded with the
+    other vanilla answers then). `step` runs one round of every live search (one token with the
+    default schedule), each kind of model call batched across them, and returns the answers that
     finished. Answers may differ in settings (sampling rules travel per row). Each answer equals
     `Rain.generate`'s: it draws from its own random stream and its compute is its own share.
 
@@ -283,14 +284,16 @@ class ContinuousBatch:
             raise RainError(f"schedule must be 'token' or 'round', not {schedule!r}")
         self.rain = rain
         self.engine = rain.engine
-        self.lockstep = Lockstep(expand_many, value_many, embed_many, ExpandStream() if schedule == "token" else None)
+        self.stream = ExpandStream() if schedule == "token" else None
+        self.lockstep = Lockstep(expand_many, value_many, embed_many, self.stream)
+        self.plain: dict[Hashable, tuple[Queued, Counters, _Live]] = {}  # vanilla answers decoding in the stream
         self.live: dict[Hashable, _Live] = {}
         self.queued: list[Queued] = []
         self.done: dict[Hashable, Generation] = {}  # finished inside `add`, returned by the next step
         self.constants: list[list[int]] = []  # the evaluation templates' constant parts: always kept cached
 
     def __len__(self) -> int:
-        return len(self.live) + len(self.queued) + len(self.done)
+        return len(self.live) + len(self.queued) + len(self.done) + len(self.plain)
 
     def add(self, key: Hashable, prompt: Prompt, config: RainConfig, *,
             value_fn: ValueSource | Callable[[str, str], float] | None = None) -> None:
@@ -305,7 +308,7 @@ class ContinuousBatch:
         start = time.perf_counter()
         engine = self.engine
         keys = [key for key, _, _ in items]
-        running = {*self.live, *(k for k, *_ in self.queued), *self.done}
+        running = {*self.live, *(k for k, *_ in self.queued), *self.done, *self.plain}
         plans = []
         for key, prompt, config in items:
             cfg = config.validate()
@@ -349,6 +352,8 @@ class ContinuousBatch:
         """Drop an answer that is no longer wanted: its search stops and its cache may go."""
         self.queued = [q for q in self.queued if q[0] != key]
         self.done.pop(key, None)
+        if self.plain.pop(key, None) is not None:
+            self.stream.cancel_plain(key)
         live = self.live.pop(key, None)
         if live is not None:
             self.lockstep.remove(key)
@@ -375,19 +380,31 @@ class ContinuousBatch:
         engine, embedder = self.engine, self.rain._embedder
         for counters in (engine.counters, *([embedder.counters] if embedder else [])):
             counters.reset()  # each answer counts its own work; the shared counters must not grow forever
-        in_flight = len(self.live) + len(self.queued)
-        for live in self.live.values():  # the most answers this one ran beside (its stats' "batch")
-            live.peak = max(live.peak, in_flight)
+        in_flight = len(self.live) + len(self.queued) + len(self.plain)
         finished, self.done = self.done, {}
-        if self.queued:
+        if self.queued and self.stream is None:  # decoded together now, before the round
             finished.update(self._vanilla(self.queued, in_flight))
-            self.queued = []
-        start, running = time.perf_counter(), list(self.live.values())
+        for queued in self.queued if self.stream is not None else []:  # decoded in the round's stream
+            key, _, context, cfg = queued
+            owner = Counters()
+            self.stream.start_plain(key, engine, context, Row(cfg.max_new_tokens, 1.0, 0, greedy=True), owner)
+            self.plain[key] = (queued, owner, _Live(None, peak=in_flight))  # type: ignore[arg-type]
+        self.queued = []
+        running = list(self.live.values()) + [live for _, _, live in self.plain.values()]
+        for live in running:  # the most answers this one ran beside (its stats' "batch")
+            live.peak = max(live.peak, in_flight)
+        start = time.perf_counter()
         results = self.lockstep.round()
         for live in running:
             live.share += (time.perf_counter() - start) / len(running)
         for key, result in results.items():
             finished[key] = self._finish(key, result)
+        for key, sample in (self.stream.take_plain() if self.stream is not None else {}).items():
+            (_, fmt, context, cfg), owner, live = self.plain.pop(key)
+            gen = finished[key] = self.rain._vanilla_generation(sample.tokens, fmt, cfg, owner,
+                                                                time.perf_counter() - live.started, live.peak)
+            gen.stats["seconds_shared"] = round(live.share, 3)
+            gen.stats["prompt_tokens"] = len(context)
         if finished:
             self._free()
         return finished
@@ -424,9 +441,10 @@ class ContinuousBatch:
 class _Live:
     """A RAIN answer in a continuous batch."""
 
-    env: ModelEnv  # its prompt format, settings and own counters (owner) live there
+    env: ModelEnv  # its prompt format, settings and own counters (owner) live there (None: vanilla)
     peak: int = 1  # the most answers in flight beside it, itself included
     share: float = 0.0  # its share of the wall time so far
+    started: float = field(default_factory=time.perf_counter)
 
 
 def _greedy_decode(engine: HFEngine, requests: list[tuple[list[int], int]],

@@ -118,6 +118,7 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
     (compute: all the work of the model and the embedder, each step's counted once)."""
     from .engine.base import Counters
 
+    rain.engine.reset()  # from an empty cache: nothing left over from the warm-up's prompts
     cb = rain.continuous_batch(schedule)
     counters = [rain.engine.counters] + ([rain.embedder.counters] if cfg.method == "rain" else [])
     whole = Counters()

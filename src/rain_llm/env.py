@@ -252,24 +252,48 @@ def expand_many(items: list[tuple[ModelEnv, list[Job]]]) -> list[list[tuple[list
              for job, plan in zip(jobs, plan_it)] for env, jobs in items]
 
 
+_PLAIN = object()  # marks a plain decode in the stream (a vanilla answer, not a leaf of a search)
+
+
 class ExpandStream:
     """Expansions that decode token by token beside other searches' (the engine's `DecodeStream`):
     `start` a search's leaves, `step` runs one forward for every row in flight and returns the
     searches whose leaves are all done. A search no longer waits for the longest row of the
-    batch, only for its own (see `Lockstep`)."""
+    batch, only for its own (see `Lockstep`). Plain decodes (vanilla answers) may share the
+    stream: `start_plain`, and `take_plain` after a step."""
 
     def __init__(self) -> None:
         self.streams: dict[int, Any] = {}  # per engine
         self.started: dict[Hashable, tuple[ModelEnv, list[Job], list[tuple[int, int, bool]]]] = {}
         self.samples: dict[Hashable, dict[int, Sequence[Sample]]] = {}
+        self.plain: dict[Hashable, tuple[Engine, Counters]] = {}  # plain decodes in flight: engine, owner
+        self.plain_done: dict[Hashable, Sample] = {}
 
     def __len__(self) -> int:
         return len(self.started)
 
-    def start(self, key: Hashable, env: ModelEnv, jobs: list[Job]) -> None:
-        stream = self.streams.get(id(env.engine))
+    def _stream(self, engine: Engine) -> Any:
+        stream = self.streams.get(id(engine))
         if stream is None:
-            stream = self.streams[id(env.engine)] = env.engine.stream()
+            stream = self.streams[id(engine)] = engine.stream()
+        return stream
+
+    def start_plain(self, key: Hashable, engine: Engine, context: list[int], row: Row, owner: Counters) -> None:
+        """Decode one row after `context` in the stream, charged to `owner` under "generate"."""
+        self._stream(engine).join((_PLAIN, key), context, [row], None, owner)
+        self.plain[key] = (engine, owner)
+
+    def take_plain(self) -> dict[Hashable, Sample]:
+        """The plain decodes finished since the last call."""
+        done, self.plain_done = self.plain_done, {}
+        return done
+
+    def cancel_plain(self, key: Hashable) -> None:
+        if (found := self.plain.pop(key, None)) is not None:
+            self.streams[id(found[0])].cancel((_PLAIN, key))
+
+    def start(self, key: Hashable, env: ModelEnv, jobs: list[Job]) -> None:
+        stream = self._stream(env.engine)
         plans = []
         for j, job in enumerate(jobs):
             plan, rows = _job_rows(env, job)
@@ -295,11 +319,18 @@ class ExpandStream:
         for stream in self.streams.values():
             if not stream:
                 continue
-            envs = [self.started[key][0] for key in {key for key, _ in stream.requests}]
-            with _batch_phase(envs, stream.engine, "expand"):
+            envs = [self.started[key][0] for key in {key for key, _ in stream.requests if key is not _PLAIN}]
+            with _batch_phase(envs, stream.engine, "expand"), ExitStack() as plain:
+                for key, j in stream.requests:
+                    if key is _PLAIN:
+                        plain.enter_context(self.plain[j][1].phase("generate"))
                 done = stream.step()
             for (key, j), samples in done.items():
-                self.samples[key][j] = samples
+                if key is _PLAIN:
+                    del self.plain[j]
+                    self.plain_done[j] = samples[0]
+                else:
+                    self.samples[key][j] = samples
         for key in [k for k, (_, jobs, _) in self.started.items() if len(self.samples[k]) == len(jobs)]:
             env, jobs, plans = self.started.pop(key)
             samples = self.samples.pop(key)

@@ -599,7 +599,7 @@ class _Request:
         self.tokens: list[list[int]] = [[] for _ in self.rows]
         self.logprob = [0.0] * len(self.rows)
         self.left = len(self.rows)  # rows not done yet
-        self.segments: KV | list = []  # the context's cached KV (batch 1), while joining
+        self.segments: list[KV] = []  # the context's cached KV chunks (batch 1), while joining
         self.tail: int | None = None  # the context's last token, when only it is uncached
 
 
@@ -737,15 +737,16 @@ class DecodeStream:
         for i, row in enumerate(rows):
             spec = row.request.rows[row.r]
             by_rule.setdefault((spec.temperature, spec.top_k), []).append(i)
-        tokens = torch.zeros(len(rows), dtype=torch.long)
-        logprob = torch.zeros(len(rows), dtype=torch.float64)
-        for (temperature, top_k), idx in by_rule.items():
-            if len(by_rule) == 1:
-                tokens, logprob = _sample(logits, temperature, top_k, u, greedy)
-                break
-            index = torch.tensor(idx)
-            tokens[index], logprob[index] = _sample(logits[index.to(logits.device)], temperature, top_k, u[index],
-                                                    greedy[index])
+        if len(by_rule) == 1:
+            ((temperature, top_k),) = by_rule
+            tokens, logprob = _sample(logits, temperature, top_k, u, greedy)
+        else:
+            tokens = torch.zeros(len(rows), dtype=torch.long)
+            logprob = torch.zeros(len(rows), dtype=torch.float64)
+            for (temperature, top_k), idx in by_rule.items():
+                index = torch.tensor(idx)
+                tokens[index], logprob[index] = _sample(logits[index.to(logits.device)], temperature, top_k,
+                                                        u[index], greedy[index])
         return list(zip(tokens.tolist(), logprob.tolist()))
 
     def _store(self, request: _Request, rows: list[tuple[list[int], int, torch.Tensor]]) -> None:
@@ -815,13 +816,14 @@ class DecodeStream:
         kept = [p for p in parents if p >= 0]
         kept_width = max(lengths[:len(kept)], default=0)
         alloc = torch.zeros if any(n < width for n in lengths) else torch.empty  # padding must be finite
-        like = old.layers if old is not None else None
+        joining = next((request for p, request, _ in sources if p < 0), None)
+        model_layers = old.layers if old is not None else joining.segments[0]  # shapes, dtype, device
         layers = []
-        for layer in range(len(like) if like is not None else len(next(r for p, r, _ in sources if p < 0).segments[0])):
-            if like is not None:
-                k0, v0 = like[layer].kbuf, like[layer].vbuf
+        for layer in range(len(model_layers)):
+            if old is not None:
+                k0, v0 = old.layers[layer].kbuf, old.layers[layer].vbuf
             else:
-                k0, v0 = next(r for p, r, _ in sources if p < 0).segments[0][layer]
+                k0, v0 = joining.segments[0][layer]
             shape = (len(sources), k0.shape[1], width + room, k0.shape[3])
             kbuf = alloc(shape, dtype=k0.dtype, device=k0.device)
             vbuf = alloc((*shape[:3], v0.shape[3]), dtype=v0.dtype, device=v0.device)
