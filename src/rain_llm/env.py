@@ -320,7 +320,8 @@ class ExpandStream:
             if not stream:
                 continue
             envs = [self.started[key][0] for key in {key for key, _ in stream.requests if key is not _PLAIN}]
-            with _batch_phase(envs, stream.engine, "expand"), ExitStack() as plain:
+            # the engine counts the step as expansion work, or as generation if only plain decodes ran
+            with _batch_phase(envs, stream.engine, "expand" if envs else "generate"), ExitStack() as plain:
                 for key, j in stream.requests:
                     if key is _PLAIN:
                         plain.enter_context(self.plain[j][1].phase("generate"))
