@@ -388,7 +388,7 @@ class ContinuousBatch:
             key, _, context, cfg = queued
             owner = Counters()
             self.stream.start_plain(key, engine, context, Row(cfg.max_new_tokens, 1.0, 0, greedy=True), owner)
-            self.plain[key] = (queued, owner, _Live(None, peak=in_flight))  # type: ignore[arg-type]
+            self.plain[key] = (queued, owner, _Live(None, peak=in_flight))
         self.queued = []
         running = list(self.live.values()) + [live for _, _, live in self.plain.values()]
         for live in running:  # the most answers this one ran beside (its stats' "batch")
@@ -441,7 +441,7 @@ class ContinuousBatch:
 class _Live:
     """A RAIN answer in a continuous batch."""
 
-    env: ModelEnv  # its prompt format, settings and own counters (owner) live there (None: vanilla)
+    env: ModelEnv | None  # its prompt format, settings and own counters (owner); None for a vanilla answer
     peak: int = 1  # the most answers in flight beside it, itself included
     share: float = 0.0  # its share of the wall time so far
     started: float = field(default_factory=time.perf_counter)
