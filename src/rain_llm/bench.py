@@ -134,9 +134,10 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
     _sync()
     start = time.perf_counter()
     while queue or cb:
-        while queue and len(cb) < batch:
-            key, prompt = queue.pop(0)
-            cb.add(key, prompt, cfg)
+        joining = queue[:max(0, batch - len(cb))]  # added together: their prompts encoded in one forward
+        if joining:
+            cb.add_many([(key, prompt, cfg) for key, prompt in joining])
+            del queue[:len(joining)]
         collect()  # the work of adding (prompts encoded), before the step resets the counters
         outs.update(cb.step())
         collect()
