@@ -283,6 +283,22 @@ def test_score_many_equals_score_options(tiny, tokenizer, ctx):
     assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(again, got))
 
 
+def test_contexts_sharing_a_long_prefix_encode_it_once(tiny, tokenizer, ctx):
+    """A cold cache and many contexts with a long common part (the evaluation template, a system
+    prompt): the shared part is encoded once, not once per row, and everything stays exact."""
+    _, model = tiny
+    head = (ctx * 4)[:40]
+    contexts = [head + [100 + i, 7, 8 + i] for i in range(6)] + [head[:30] + [55, 56], [3, 4, 5]]
+    eng = make(model, tokenizer)
+    eng.prefill_many(contexts)
+    work = eng.counters.total()
+    assert work.tokens < 0.5 * sum(len(c) for c in contexts)  # each row encoding all its tokens: the sum
+    assert work.forward_passes == 2  # the shared part (30 tokens here), then every tail
+    for c in contexts:
+        assert np.abs(eng.next_logits(c) - full_logits(model, c)).max() < TOL
+    assert eng.counters.total().tokens == work.tokens  # all of them cached
+
+
 def test_fused_scoring_equals_two_forwards(tiny, tokenizer, ctx):
     """The GPU form of score_many (one forward, option rows repeat their prompt's uncached tail)
     gives the same probabilities as the CPU form (tails first, then the option rows) and stores

@@ -134,6 +134,27 @@ class PrefixCache:
         return total
 
 
+def _shared_prefixes(contexts: list[tuple[list[int], int]], min_saving: int) -> list[list[int]]:
+    """Prefixes that several contexts (each with its cached length) share past what is cached,
+    worth encoding once first: encoding them once saves (sharers - 1) x uncached length tokens, at
+    least `min_saving`. Shortest ones only (a longer run shared by some of them stays in their
+    tails), each shorter than the contexts that share it."""
+    ordered = sorted(contexts, key=lambda c: c[0])
+    found: dict[tuple[int, ...], int] = {}  # shared prefix -> its uncached length
+    for (a, pa), (b, pb) in zip(ordered, ordered[1:]):
+        n = min(_common(tuple(a), b, 0), len(a) - 1, len(b) - 1)  # leave each context a token of its own
+        if n > max(pa, pb):
+            found[tuple(a[:n])] = n - max(pa, pb)
+    out = []
+    for p, uncached in sorted(found.items()):
+        if any(len(q) < len(p) and p[:len(q)] == q for q in found):
+            continue
+        sharers = sum(tuple(c[:len(p)]) == p for c, _ in contexts)
+        if (sharers - 1) * uncached >= min_saving:
+            out.append(list(p))
+    return out
+
+
 def _common(tokens: tuple[int, ...], context: Sequence[int], pos: int) -> int:
     m, limit = 0, min(len(tokens), len(context) - pos)
     while m < limit and tokens[m] == context[pos + m]:
@@ -253,6 +274,10 @@ class HFEngine:
         # uncached tail) rather than two (tails once, then the option rows): on a GPU a forward's
         # fixed cost outweighs the repeated tokens; on a CPU every token costs, so two forwards.
         self.fuse_scoring = self.device.type == "cuda"
+        # Contexts of one batch that share a long uncached prefix (a cold cache: the evaluation
+        # template, a system prompt) get it encoded once, in a forward of its own, when that saves
+        # at least this many tokens: about what a forward's fixed cost is worth here.
+        self.min_shared_saving = 1024 if self.device.type == "cuda" else 64
 
     # ------------------------------------------------------------------ text
     def encode(self, text: str, *, special: bool = False) -> list[int]:
@@ -378,6 +403,13 @@ class HFEngine:
                 todo[key] = (list(context), [c.kv for c in path if c.kv is not None], pos,
                              owners[i] if owners else None)
         if not todo:
+            return
+        shared = _shared_prefixes([(context, pos) for context, _, pos, _ in todo.values()], self.min_shared_saving)
+        if shared:  # encode each long prefix that several contexts share once, not once per row
+            first_owner = {tuple(c[:len(p)]): o for c, _, _, o in reversed(list(todo.values())) for p in shared}
+            self._encode_many(shared, [first_owner.get(tuple(p)) for p in shared])
+            self._encode_many([context for context, _, _, _ in todo.values()],
+                              [owner for _, _, _, owner in todo.values()])
             return
         batch = list(todo.values())
         start = max(pos for _, _, pos, _ in batch)  # column where every tail begins
