@@ -199,15 +199,6 @@ def _concat(segments: list[KV], layer: int, which: int) -> torch.Tensor:
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
-def _select_rows(cache: DynamicCache, rows: list[int]) -> None:
-    """Keep only some batch rows of a buffer cache (finished rows leave the batch)."""
-    index = torch.tensor(rows)
-    for layer in cache.layers:
-        layer.kbuf = layer.kbuf.index_select(0, index.to(layer.kbuf.device))
-        layer.vbuf = layer.vbuf.index_select(0, index.to(layer.vbuf.device))
-        layer.keys, layer.values = layer.kbuf[:, :, :layer.length], layer.vbuf[:, :, :layer.length]
-
-
 def _padded_cache(segments: list[list[KV]], rows: list[int], capacity: int) -> tuple[DynamicCache, list[int]]:
     """A cache for several contexts at once: group g's concatenated `segments[g]` fills `rows[g]`
     batch rows, left-padded with zeros so every context ends at the same column. Returns the
@@ -424,10 +415,17 @@ class HFEngine:
         out, cache = self._forward(ids, cache, keep=keep, pads=pads if start > 0 else None,
                                    owners=[t[3] for t in batch])
         for row, (context, _, pos, _) in enumerate(batch):
-            _, node, now, logits = self.prefix_cache.lookup(context)
-            if logits is None:  # not stored by an identical row of this batch
-                kv = _cache_kv(cache, start + now - pos, start + len(context) - pos, row)
-                node.add(_Chunk(tuple(context[now:]), kv, out[row, keep.index(ends[row])].clone()))
+            self._keep_tail(context, pos, cache, start, row, out[row, keep.index(ends[row])])
+
+    def _keep_tail(self, context: Sequence[int], pos: int, cache: DynamicCache, start: int, row: int,
+                   logits: torch.Tensor) -> None:
+        """Store in the prefix tree what a batch just computed for `context`: its tokens from `pos`
+        sit from column `start` of batch row `row` (earlier tokens before it), `logits` follow its
+        last token. Skipped if an identical row of the batch stored it already."""
+        _, node, now, cached = self.prefix_cache.lookup(context)
+        if cached is None:
+            kv = _cache_kv(cache, start + now - pos, start + len(context) - pos, row)
+            node.add(_Chunk(tuple(context[now:]), kv, logits.clone()))
 
     def prefill_many(self, contexts: Sequence[Sequence[int]], owners: Sequence[Counters | None] | None = None) -> None:
         """Cache several contexts (and the logits after each) with one batched forward, so later
@@ -558,10 +556,7 @@ class HFEngine:
         keep = sorted(set(ends))
         padded = [r + [r[-1]] * (width - len(r)) for r in rows]  # right padding: causal rows never see it
         logits, _ = self._forward(torch.tensor(padded), cache, keep=keep, pads=pads, owners=row_owners)
-        last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
-        probs = torch.softmax(last, dim=-1).cpu().numpy().astype(np.float64)
-        blocks = split(probs, [len(suffixes) for _, suffixes, _ in requests])
-        return [block[:, list(option_ids)] for block, (_, _, option_ids) in zip(blocks, requests)]
+        return _option_probs(logits, ends, keep, requests)
 
     def _score_fused(self, requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]],
                      found: list[tuple[list[KV], int]],
@@ -581,18 +576,11 @@ class HFEngine:
         row_owners = [owners[i] if owners else None for i, n in enumerate(per) for _ in range(n)]
         padded = [r + [r[-1]] * (width - len(r)) for r in rows]  # right padding: causal rows never see it
         logits, cache = self._forward(torch.tensor(padded), cache, keep=keep, pads=pads, owners=row_owners)
-        start = max(starts)
         for i, ((prefix, _, _), pos, tail) in enumerate(zip(requests, starts, tails)):
-            if not tail:
-                continue
-            _, node, now, cached = self.prefix_cache.lookup(prefix)
-            if cached is None:  # not stored by an identical prompt of this batch
-                kv = _cache_kv(cache, start + now - pos, start + len(prefix) - pos, firsts[i])
-                node.add(_Chunk(tuple(prefix[now:]), kv, logits[firsts[i], keep.index(len(tail) - 1)].clone()))
-        last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
-        probs = torch.softmax(last, dim=-1).cpu().numpy().astype(np.float64)
-        blocks = split(probs, per)
-        return [block[:, list(option_ids)] for block, (_, _, option_ids) in zip(blocks, requests)]
+            if tail:  # stored from the prompt's first row
+                row = firsts[i]
+                self._keep_tail(prefix, pos, cache, max(starts), row, logits[row, keep.index(len(tail) - 1)])
+        return _option_probs(logits, ends, keep, requests)
 
     # ------------------------------------------------------------------ memory
     def retain(self, prefixes: Sequence[Sequence[int]], owner: Hashable | None = None, *,
@@ -823,12 +811,9 @@ class DecodeStream:
         for row in self.live:
             row.logits = fresh[row.slot]
         for request in tails:  # the context's last token is computed now: keep it with its logits
-            slot = tail_slot[id(request)]
             if engine.reuse_cache:
-                _, node, pos, logits = engine.prefix_cache.lookup(request.context)
-                if logits is None and pos == len(request.context) - 1:
-                    end = self.cache.layers[0].length
-                    node.add(_Chunk((request.tail,), _cache_kv(self.cache, end - 1, end, slot), fresh[slot].clone()))
+                slot, column = tail_slot[id(request)], self.cache.layers[0].length - 1
+                engine._keep_tail(request.context, len(request.context) - 1, self.cache, column, slot, fresh[slot])
             request.tail, request.segments = None, []
 
     def _rebuild(self, sources: list[tuple[int, _Request | None, int]], room: int) -> None:
@@ -876,6 +861,16 @@ class DecodeStream:
         self.cache = DynamicCache()
         self.cache.layers = layers
         self.pads = [width - n for n in lengths]
+
+
+def _option_probs(logits: torch.Tensor, ends: list[int], keep: list[int],
+                  requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], Sequence[int]]]) -> list[np.ndarray]:
+    """Each request's option probabilities from the logits at its rows' last positions (`ends`,
+    found among the kept positions); rows in request order, one per suffix."""
+    last = logits[torch.arange(len(ends)), torch.tensor([keep.index(e) for e in ends])]
+    probs = torch.softmax(last, dim=-1).cpu().numpy().astype(np.float64)
+    blocks = split(probs, [len(suffixes) for _, suffixes, _ in requests])
+    return [block[:, list(option_ids)] for block, (_, _, option_ids) in zip(blocks, requests)]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor,
