@@ -137,8 +137,7 @@ class Rain:
         cfg = cfg.replace(**overrides) if overrides else cfg.validate()
         if not isinstance(prompts, list | tuple) or not prompts:
             raise RainError("no prompts: give at least one")
-        if schedule not in ("token", "round"):
-            raise RainError(f"schedule must be 'token' or 'round', not {schedule!r}")
+        stream = _expand_stream(schedule)
         prepared = [self.prepare(p, cfg) for p in prompts]  # every prompt checked before any work
         engine = self.engine
         engine.reuse_cache = cfg.reuse_cache
@@ -182,7 +181,6 @@ class Rain:
         envs = [ModelEnv(engine, ev, embedder, context, fmt, cfg, owner=owners[i] if owners else None)
                 for i, (ev, (fmt, context)) in enumerate(zip(evaluators, prepared))]
         searches = [RainSearch(env, cfg, trace=trace, progress=progress if batch == 1 else None) for env in envs]
-        stream = ExpandStream() if schedule == "token" else None
         results = run_lockstep(searches, expand_many, value_many, embed_many, stream) if batch > 1 \
             else [searches[0].run()]
         for env in envs:
@@ -280,11 +278,9 @@ class ContinuousBatch:
     """
 
     def __init__(self, rain: Rain, schedule: str = "token"):
-        if schedule not in ("token", "round"):
-            raise RainError(f"schedule must be 'token' or 'round', not {schedule!r}")
+        self.stream = _expand_stream(schedule)
         self.rain = rain
         self.engine = rain.engine
-        self.stream = ExpandStream() if schedule == "token" else None
         self.lockstep = Lockstep(expand_many, value_many, embed_many, self.stream)
         self.plain: dict[Hashable, tuple[Queued, Counters, _Live]] = {}  # vanilla answers decoding in the stream
         self.live: dict[Hashable, _Live] = {}
@@ -445,6 +441,14 @@ class _Live:
     peak: int = 1  # the most answers in flight beside it, itself included
     share: float = 0.0  # its share of the wall time so far
     started: float = field(default_factory=time.perf_counter)
+
+
+def _expand_stream(schedule: str) -> ExpandStream | None:
+    """The stream that steps batched searches token by token ("token"), or none: whole
+    iterations in lockstep ("round")."""
+    if schedule not in ("token", "round"):
+        raise RainError(f"schedule must be 'token' or 'round', not {schedule!r}")
+    return ExpandStream() if schedule == "token" else None
 
 
 def _greedy_decode(engine: HFEngine, requests: list[tuple[list[int], int]],

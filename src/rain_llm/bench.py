@@ -84,15 +84,14 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
     for kw in methods.values():
         kw = dict(kw)
         batch = kw.pop("batch", 1)
-        kw.pop("schedule", None)
         rain.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for name, kw in methods.items():
         kw = dict(kw)
         batch = kw.pop("batch", 1)
+        schedule = kw.pop("schedule", "token")  # how batched searches are stepped; one prompt has none
         if batch > 1:
-            runs[name].append(run_continuous(rain, cfg.replace(**{k: v for k, v in kw.items() if k != "schedule"}),
-                                             prompts, batch, kw.get("schedule", "token")))
+            runs[name].append(run_continuous(rain, cfg.replace(**kw), prompts, batch, schedule))
             rec = runs[name][-1]
             print(f"[{name}] {len(prompts)} prompts, {batch} at a time: {rec['answer_tokens']:4d} tokens "
                   f"{rec['seconds']:8.2f}s {rec['tokens']:8d} tokens processed", file=log, flush=True)
@@ -104,9 +103,7 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
             _sync()
             seconds = time.perf_counter() - start
             compute = out.stats["compute"]
-            embed = compute.get("embed", {}).get("tokens", 0)
-            runs[name].append(_record([prompt], [out], seconds, compute, compute.get("least_work", {}).get("tokens", 0),
-                                      [final_value(rain, cfg, prompt, out.text)], embed))
+            runs[name].append(_record([prompt], [out], seconds, compute, [final_value(rain, cfg, prompt, out.text)]))
             print(f"[{name}] prompt {i + 1} of {len(prompts)}: {len(out.token_ids):4d} tokens "
                   f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
     return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()})}
@@ -144,14 +141,15 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
     _sync()
     seconds = time.perf_counter() - start
     answers = [outs[i] for i in range(len(prompts))]
-    compute = whole.to_dict()
-    least = sum(o.stats["compute"].get("least_work", {}).get("tokens", 0) for o in answers)
     values = [final_value(rain, cfg, p, o.text) for p, o in zip(prompts, answers)]
-    return _record(prompts, answers, seconds, compute, least, values, compute.get("embed", {}).get("tokens", 0))
+    return _record(prompts, answers, seconds, whole.to_dict(), values)
 
 
-def _record(prompts: list[str], outs: list[Any], seconds: float, compute: dict[str, Any], least: int,
-            values: list[float | None], embed_tokens: int) -> dict[str, Any]:
+def _record(prompts: list[str], outs: list[Any], seconds: float, compute: dict[str, Any],
+            values: list[float | None]) -> dict[str, Any]:
+    """One bench record: `compute` is all the work of the run; least work is each answer's, summed."""
+    embed_tokens = compute.get("embed", {}).get("tokens", 0)
+    least = sum(o.stats["compute"].get("least_work", {}).get("tokens", 0) for o in outs)
     return {"prompts": prompts, "answer_tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
             "forward_passes": compute["total"]["forward_passes"], "tokens": compute["total"]["tokens"],
             "lm_tokens": compute["total"]["tokens"] - embed_tokens, "least_work": least,

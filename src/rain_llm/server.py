@@ -205,7 +205,8 @@ class BatchingWorker(threading.Thread):
                 job.events.put(("end", None))
                 job.done.set()
             for job in self.in_flight:  # streamed answers: what their searches committed this round
-                job.send(batch.partial_text(job))
+                if job.stream:  # (a round is one token: render the text only where it is sent)
+                    job.send(batch.partial_text(job))
             for job in [j for j in self.in_flight if j.cancelled]:  # their clients left: stop computing
                 batch.cancel(job)
                 self.in_flight.discard(job)
