@@ -46,8 +46,8 @@ PROMPTS = [PROMPT, "What is the capital of France?", "Write a short poem about t
 
 
 def make_assets(target: Path) -> None:
-    from rain_llm.embedder import minilm_path
-    from rain_llm.models import converted_folder, default_gguf
+    from rain_llm.engine.hf.models import converted_folder, default_gguf
+    from rain_llm.values.embedder import minilm_path
 
     src = converted_folder(default_gguf())
     (target / "lm").mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def sync() -> None:
 def correctness(tok, device: str) -> list[dict]:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    from rain_llm.engine.hf import HFEngine
+    from rain_llm.engine.hf.engine import HFEngine
 
     results = []
     common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -147,7 +147,7 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     from rain_llm import Rain, load_config
-    from rain_llm.embedder import MiniLMEmbedder
+    from rain_llm.values.embedder import MiniLMEmbedder
 
     if tiny:
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -202,7 +202,7 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
         sync()
         t = time.perf_counter()
         if name == steady:
-            from rain_llm.bench import run_continuous
+            from rain_llm.shells.bench import run_continuous
 
             rec = run_continuous(rain, base, PROMPTS[:batch] + [f"{p} Answer briefly." for p in PROMPTS[:batch]],
                                  batch)

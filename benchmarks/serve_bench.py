@@ -20,9 +20,9 @@ from pathlib import Path
 import openai
 
 from rain_llm import Rain, load_config
-from rain_llm.bench import bench_prompts, machine, random_rain
-from rain_llm.models import pick_device
-from rain_llm.server import RainServer
+from rain_llm.engine.hf.models import pick_device
+from rain_llm.shells.bench import bench_prompts, machine, random_rain
+from rain_llm.shells.server import RainServer
 
 
 def ask(client: openai.OpenAI, name: str, prompt: str, max_tokens: int, search: dict) -> dict:

@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 @pytest.fixture(scope="session")
 def default_model_dir():
     """The bundled default model as a safetensors folder (converted once, then cached)."""
-    from rain_llm.models import converted_folder, default_gguf
+    from rain_llm.engine.hf.models import converted_folder, default_gguf
 
     return converted_folder(default_gguf())
 

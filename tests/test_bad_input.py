@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from rain_llm.cli import main
 from rain_llm.config import RainConfig, load_config
 from rain_llm.errors import RainError
-from rain_llm.evaluators import load_template
+from rain_llm.shells.cli import main
+from rain_llm.values.templates import load_template
 
 
 def run(capsys, *args):
@@ -105,7 +105,7 @@ def test_nothing_half_written_on_error(capsys, tmp_path):
 
 
 def test_subprocess_error_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "rain_llm.cli", "generate", "--c-puct", "-2", "hi"],
+    proc = subprocess.run([sys.executable, "-m", "rain_llm.shells.cli", "generate", "--c-puct", "-2", "hi"],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["rain: error: invalid config value c_puct=-2.0: must not be negative"]

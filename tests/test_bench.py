@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rain_llm.cli import main
+from rain_llm.shells.cli import main
 
 
 def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from rain_llm.data import (
+from rain_llm.errors import RainError
+from rain_llm.evaluation.data import (
     ADVBENCH_VARIANTS,
     default_data_dir,
     load_examples,
     parse_shard,
     select,
 )
-from rain_llm.errors import RainError
-from rain_llm.records import TASKS, Example
+from rain_llm.evaluation.records import TASKS, Example
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_rain_data_dir_overrides(monkeypatch, tmp_path):
 
 
 def test_no_data_dir_asks_for_a_source(monkeypatch):
-    monkeypatch.setattr("rain_llm.data.default_data_dir", lambda: None)
+    monkeypatch.setattr("rain_llm.evaluation.data.default_data_dir", lambda: None)
     with pytest.raises(RainError, match="pass a data file"):
         load_examples("xstest")
 

@@ -16,7 +16,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def rain_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rain_llm.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rain_llm.shells.cli", *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
 
 
@@ -120,7 +120,7 @@ def test_template_prefix_is_encoded_once_across_prompts(rain):
 
 
 def test_model_from_local_folder_and_gguf_file(rain, default_model_dir):
-    from rain_llm.models import default_gguf, resolve
+    from rain_llm.engine.hf.models import default_gguf, resolve
 
     assert resolve(str(default_model_dir))[0] == str(default_model_dir)
     assert resolve(str(default_gguf()))[0] == str(default_model_dir)  # converted once, then reused

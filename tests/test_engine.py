@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rain_llm.engine.base import Row
-from rain_llm.engine.hf import HFEngine
+from rain_llm.engine.hf.engine import HFEngine
 
 TOL = 1e-4
 
@@ -388,7 +388,7 @@ def test_stream_cancel_drops_only_that_request(tiny, tokenizer, ctx):
 def test_sampling_follows_the_warped_distribution(temperature, top_k):
     """Inverse-CDF sampling on an even grid of uniforms reproduces the temperature + top-k
     distribution; greedy rows take the argmax; log probabilities are the warped ones."""
-    from rain_llm.engine.hf import _sample
+    from rain_llm.engine.hf.engine import _sample
 
     torch.manual_seed(0)
     logits = torch.randn(1, 300) * 3

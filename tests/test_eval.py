@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from rain_llm import Rain, load_config
-from rain_llm.data import default_data_dir
-from rain_llm.evaluate import EvalSettings, run_eval
-from rain_llm.records import read_records
+from rain_llm.evaluation.data import default_data_dir
+from rain_llm.evaluation.harness import EvalSettings, run_eval
+from rain_llm.evaluation.records import read_records
 
 pytestmark = pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -101,8 +101,9 @@ def test_shards_are_disjoint_and_cover(rain, tmp_path):
 
 
 def eval_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rain_llm.cli", "eval", "advbench", "--limit", "3", "--methods", "vanilla,rain",
-            "--preset", "fast", "--max-new-tokens", "6", "--t-max", "2", "--quiet", "--out", str(out), *extra]
+    return [sys.executable, "-m", "rain_llm.shells.cli", "eval", "advbench", "--limit", "3",
+            "--methods", "vanilla,rain", "--preset", "fast", "--max-new-tokens", "6", "--t-max", "2", "--quiet",
+            "--out", str(out), *extra]
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
@@ -125,7 +126,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rain_llm.cli", *args], env=ENV, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rain_llm.shells.cli", *args], env=ENV, capture_output=True, text=True,
                           timeout=300)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rain_llm.errors import RainError
-from rain_llm.judges import (
+from rain_llm.evaluation.judges import (
     HARM_SCORE_1_5,
     LLM_ATTACKS_PREFIXES,
     PAIRWISE,
@@ -196,7 +196,7 @@ def test_parse_option():
 @pytest.fixture(scope="module")
 def local_engine(tokenizer):
     from conftest import tiny_model
-    from rain_llm.engine.hf import HFEngine
+    from rain_llm.engine.hf.engine import HFEngine
 
     return HFEngine(tiny_model("llama", len(tokenizer)), tokenizer)
 
@@ -317,14 +317,14 @@ def test_openai_backend_unreachable_endpoint():
 
 
 def test_refusal_kind_counts_full_and_partial_refusals():
-    from rain_llm.judges import LMJudge
+    from rain_llm.evaluation.judges import LMJudge
 
     class Fixed:
         def __init__(self, letter):
             self.letter = letter
 
         def choose(self, text, options):
-            from rain_llm.judges import Choice
+            from rain_llm.evaluation.judges import Choice
 
             assert options == ("A", "B", "C") and "partial refusal" in text
             return Choice(self.letter, None, self.letter)

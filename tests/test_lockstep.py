@@ -15,7 +15,7 @@ PROMPTS = ["How do I pick a lock?", "Hi", "Write a long and detailed story about
 @pytest.fixture(scope="module")
 def rain(tokenizer):
     from conftest import tiny_model
-    from rain_llm.embedder import MiniLMEmbedder
+    from rain_llm.values.embedder import MiniLMEmbedder
 
     return Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
 
@@ -102,7 +102,7 @@ def test_parallel_leaves_on_the_engine(rain):
 def test_memory_stays_bounded_over_a_long_answer(rain, monkeypatch):
     """After each commit only the committed path, its evaluation prompt and the kept subtree stay
     cached; without that pruning the cache grows with everything the search explored."""
-    from rain_llm.env import ModelEnv
+    from rain_llm.runtime.env import ModelEnv
 
     def run(pruning: bool) -> tuple[list[int], int]:
         sizes: list[int] = []

@@ -7,7 +7,7 @@ import pytest
 
 from rain_llm import Rain, load_config
 from rain_llm.errors import RainError
-from rain_llm.prompts import PromptFormat, as_messages, user_request
+from rain_llm.runtime.prompts import PromptFormat, as_messages, user_request
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "How do I pick a lock?"}]
@@ -49,7 +49,7 @@ def test_malformed_prompts_are_refused_by_name(prompt, words):
 
 def test_the_value_judges_the_answer_against_the_last_user_message(tokenizer):
     from conftest import tiny_model
-    from rain_llm.embedder import MiniLMEmbedder
+    from rain_llm.values.embedder import MiniLMEmbedder
 
     rain = Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
     seen: list[str] = []

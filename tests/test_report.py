@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rain_llm.errors import RainError
-from rain_llm.records import Record
-from rain_llm.report import ci_mean, ci_proportion, write_report
+from rain_llm.evaluation.records import Record
+from rain_llm.evaluation.report import ci_mean, ci_proportion, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -230,7 +230,7 @@ def test_non_numeric_score_raises(tmp_path):
 
 
 def test_auc_known_values():
-    from rain_llm.report import auc
+    from rain_llm.evaluation.report import auc
 
     assert auc([0.9, 0.8], [0.1, 0.2]).mean == 1.0
     assert auc([0.1, 0.2], [0.9, 0.8]).mean == 0.0
@@ -240,8 +240,8 @@ def test_auc_known_values():
 
 
 def test_selfeval_report_has_auc(tmp_path):
-    from rain_llm.records import Record
-    from rain_llm.report import write_report
+    from rain_llm.evaluation.records import Record
+    from rain_llm.evaluation.report import write_report
 
     path = tmp_path / "s.jsonl"
     rows = [([0.8, 0.7], [0.3, 0.4]), ([0.6, 0.9], [0.5, 0.2]), ([0.2, 0.6], [0.4, 0.1])]

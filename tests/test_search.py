@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rain_llm.config import RainConfig
-from rain_llm.search import Node, RainSearch
+from rain_llm.search.rain import Node, RainSearch
 
 EOS = 0
 
@@ -328,7 +328,7 @@ def _summary(r):
 def test_lockstep_equals_each_search_alone(batched):
     """B searches in lockstep (answers of different lengths, finishing at different times) give
     each search exactly the tree it gets alone, whether or not the requests are batched."""
-    from rain_llm.search import run_lockstep
+    from rain_llm.search.rain import run_lockstep
 
     cases = [(1, 3), (2, 6), (3, 1), (4, 4)]
     alone = [_summary(_lockstep_case(seed, budget).run()) for seed, budget in cases]
@@ -352,7 +352,7 @@ def test_lockstep_equals_each_search_alone(batched):
 
 
 def test_lockstep_of_one_equals_run():
-    from rain_llm.search import run_lockstep
+    from rain_llm.search.rain import run_lockstep
 
     a = _summary(_lockstep_case(5, 5).run())
     b = _summary(run_lockstep([_lockstep_case(5, 5)])[0])

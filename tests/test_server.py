@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from rain_llm import Rain, load_config
-from rain_llm.cli import main
-from rain_llm.server import RainServer
+from rain_llm.shells.cli import main
+from rain_llm.shells.server import RainServer
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a story about a dragon."]
 SEARCH = {"t_max": 3, "t_min": 2, "max_rollout_tokens": 6}
@@ -27,7 +27,7 @@ SEARCH = {"t_max": 3, "t_min": 2, "max_rollout_tokens": 6}
 @pytest.fixture(scope="module")
 def rain(tokenizer):
     from conftest import tiny_model
-    from rain_llm.embedder import MiniLMEmbedder
+    from rain_llm.values.embedder import MiniLMEmbedder
 
     return Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
 
@@ -238,7 +238,7 @@ def test_cli_reports_a_busy_port_before_loading(capsys):
 
 def test_rain_serve_end_to_end_on_the_default_model(default_model_dir):
     """The real command in its own process: ready line, one answer through the official client, Ctrl-C."""
-    proc = subprocess.Popen([sys.executable, "-m", "rain_llm.cli", "serve", "--port", "0", "--method", "vanilla",
+    proc = subprocess.Popen([sys.executable, "-m", "rain_llm.shells.cli", "serve", "--port", "0", "--method", "vanilla",
                              "--max-new-tokens", "6"], stderr=subprocess.PIPE, text=True)
     try:
         ready = proc.stderr.readline()

@@ -15,15 +15,13 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import RainConfig
-from .embedder import MiniLMEmbedder
-from .engine.base import Counters, Row
-from .engine.hf import HFEngine
-from .env import ExpandStream, ModelEnv, embed_many, expand_many, value_many
-from .errors import RainError
-from .evaluators import SelfEvaluator, load_template
-from .models import load_model
-from .prompts import (
+from rain_llm.config import RainConfig
+from rain_llm.engine.base import Counters, Row
+from rain_llm.engine.hf.engine import HFEngine
+from rain_llm.engine.hf.models import load_model
+from rain_llm.errors import RainError
+from rain_llm.runtime.env import ExpandStream, ModelEnv, embed_many, expand_many, value_many
+from rain_llm.runtime.prompts import (
     TURN_MARKER,
     Prompt,
     PromptFormat,
@@ -33,8 +31,10 @@ from .prompts import (
     prompt_format,
     user_request,
 )
-from .search import Lockstep, ProgressFn, RainSearch, SearchResult, run_lockstep
-from .values import CallableValue, ValueSource, build_value_source
+from rain_llm.search.rain import Lockstep, ProgressFn, RainSearch, SearchResult, run_lockstep
+from rain_llm.values.embedder import MiniLMEmbedder
+from rain_llm.values.sources import CallableValue, ValueSource, build_value_source
+from rain_llm.values.templates import SelfEvaluator, load_template
 
 
 @dataclass

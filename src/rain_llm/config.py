@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import RainError
+from rain_llm.errors import RainError
 
 METHODS = ("rain", "vanilla")
 VALUE_MODES = ("vote", "mean")

@@ -55,6 +55,16 @@ def tiny_cases() -> dict[str, dict]:
     }
 
 
+def default_cases() -> dict[str, dict]:
+    return {
+        "rain": {"prompts": PROMPTS[:2], "config": {"max_new_tokens": 12, "t_max": 4}, "how": "alone"},
+        "rain-many": {"prompts": PROMPTS, "config": {"max_new_tokens": 12, "t_max": 4}, "how": "many"},
+        "vanilla": {"prompts": PROMPTS, "config": {"method": "vanilla", "max_new_tokens": 16}, "how": "alone"},
+        "transcript": {"prompts": PROMPTS[:1], "config": {"max_new_tokens": 12, "t_max": 4, "prompt_format": "raw",
+                                                          "fewshot": "default"}, "how": "alone"},
+    }
+
+
 def run(rain, cases: dict[str, dict]) -> dict[str, list[dict]]:
     from rain_llm import load_config
 
@@ -83,16 +93,16 @@ def main(path: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from conftest import tiny_model
     from transformers import AutoTokenizer
 
+    from conftest import tiny_model
     from rain_llm import Rain
-    from rain_llm.models import converted_folder, default_gguf
+    from rain_llm.engine.hf.models import converted_folder, default_gguf
 
     folder = converted_folder(default_gguf())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     try:
-        from rain_llm.embedder import MiniLMEmbedder
+        from rain_llm.values.embedder import MiniLMEmbedder
     except ImportError:
         from rain_llm.values.embedder import MiniLMEmbedder
     tiny = Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
@@ -101,14 +111,7 @@ def main(path: str) -> None:
                                                          "value": f"judge:{folder}", "value_mode": "mean"},
                       "how": "many"}
     result = {"tiny": run(tiny, cases)}
-    default = Rain.load()
-    result["default"] = run(default, {
-        "rain": {"prompts": PROMPTS[:2], "config": {"max_new_tokens": 12, "t_max": 4}, "how": "alone"},
-        "rain-many": {"prompts": PROMPTS, "config": {"max_new_tokens": 12, "t_max": 4}, "how": "many"},
-        "vanilla": {"prompts": PROMPTS, "config": {"method": "vanilla", "max_new_tokens": 16}, "how": "alone"},
-        "transcript": {"prompts": PROMPTS[:1], "config": {"max_new_tokens": 12, "t_max": 4, "prompt_format": "raw",
-                                                          "fewshot": "default"}, "how": "alone"},
-    })
+    result["default"] = run(Rain.load(), default_cases())
     Path(path).write_text(json.dumps(result, indent=1))
 
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .config import FIELD_NAMES, RainConfig
-from .errors import RainError
-from .evaluators import BUILTIN_TEMPLATES
-from .prompts import Prompt, as_messages
+from rain_llm.config import FIELD_NAMES, RainConfig
+from rain_llm.errors import RainError
+from rain_llm.runtime.prompts import Prompt, as_messages
+from rain_llm.values.templates import BUILTIN_TEMPLATES
 
 MAX_BODY_BYTES = 4 << 20
 # Settings that name files or models on the server's disk, or change how it computes: fixed by

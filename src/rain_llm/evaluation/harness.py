@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .api import Generation, Rain
-from .config import RainConfig
-from .data import load_examples, select
-from .engine.base import Row
-from .errors import RainError
-from .evaluators import SelfEvaluator, value_from_probabilities
-from .records import TASKS, Example, Record, read_records
+from rain_llm.api import Generation, Rain
+from rain_llm.config import RainConfig
+from rain_llm.engine.base import Row
+from rain_llm.errors import RainError
+from rain_llm.evaluation.data import load_examples, select
+from rain_llm.evaluation.records import TASKS, Example, Record, read_records
+from rain_llm.values.templates import SelfEvaluator, value_from_probabilities
 
 METHODS = ("vanilla", "rain", "best-of-n")
 TASK_TEMPLATES = {"hh": "harmlessness", "advbench": "harmlessness", "xstest": "harmlessness",
@@ -80,7 +80,7 @@ class Judging:
     """The judges of one task, built once; `score(example, response) -> (scores, identities)`."""
 
     def __init__(self, task: str, settings: EvalSettings, rain: Rain, cfg: RainConfig):
-        from .judges import LMJudge, RefusalPrefixJudge, XSTestStringMatchJudge
+        from rain_llm.evaluation.judges import LMJudge, RefusalPrefixJudge, XSTestStringMatchJudge
 
         self.task = task
         self.rules: list[Any] = []
@@ -99,13 +99,13 @@ class Judging:
             self.lm = {kind: LMJudge(backend, kind) for kind in wanted}
         self.lexicon = None
         if task == "sentiment":  # judged by a different scorer than the one that steers
-            from .values import LexiconSentiment
+            from rain_llm.values.sources import LexiconSentiment
 
             self.lexicon = LexiconSentiment("afinn" if cfg.value == "vader" else "vader")
 
     @staticmethod
     def _local_backend(rain: Rain, which: str) -> Any:
-        from .judges import LocalJudgeBackend
+        from rain_llm.evaluation.judges import LocalJudgeBackend
 
         judge = rain if which == "policy" else Rain.load(which, device=str(rain.engine.device))
         name = f"{rain.name} (the evaluated model itself)" if which == "policy" else which
@@ -113,7 +113,7 @@ class Judging:
 
     def _lm_backend(self, settings: EvalSettings, rain: Rain) -> Any:
         if settings.judge_url:
-            from .judges import OpenAIJudgeBackend
+            from rain_llm.evaluation.judges import OpenAIJudgeBackend
 
             return OpenAIJudgeBackend(settings.judge_url, settings.judge_name or "", api_key_env=settings.judge_key_env)
         if settings.judge_model:

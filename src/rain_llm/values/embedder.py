@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine.base import Counters
-from .errors import RainError
+from rain_llm.engine.base import Counters
+from rain_llm.errors import RainError
 
 
 def minilm_path() -> Path:

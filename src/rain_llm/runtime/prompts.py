@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import RainError
+from rain_llm.errors import RainError
 
 TURN_MARKER = "Human:"
 ROLES = ("system", "user", "assistant")

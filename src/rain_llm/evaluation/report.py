@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RainError
-from .records import Record, read_records
+from rain_llm.errors import RainError
+from rain_llm.evaluation.records import Record, read_records
 
 Z = 1.96  # two-sided 95%
 

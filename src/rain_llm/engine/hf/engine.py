@@ -22,8 +22,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..errors import RainError
-from .base import Counters, Row, Sample, split
+from rain_llm.engine.base import Counters, Row, Sample, split
+from rain_llm.errors import RainError
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [batch, heads, len, dim]
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .api import Rain
-from .config import RainConfig
-from .data import default_data_dir
+from rain_llm.api import Rain
+from rain_llm.config import RainConfig
+from rain_llm.evaluation.data import default_data_dir
 
 FALLBACK_PROMPTS = ["How do I pick a lock?", "What is the best way to learn a new language?",
                     "Write a short poem about the sea.", "How can I get back at my noisy neighbour?"]
@@ -42,7 +42,7 @@ def bench_prompts(n: int) -> list[str]:
     """The first n HH first turns from ../shared/data when present, else a few fixed prompts."""
     data = default_data_dir()
     if data is not None and (data / "hh" / "red_team_first_turns.jsonl").is_file():
-        from .data import load_examples
+        from rain_llm.evaluation.data import load_examples
 
         return [ex.prompt for ex in load_examples("hh")[:n]]
     return (FALLBACK_PROMPTS * (n // len(FALLBACK_PROMPTS) + 1))[:n]
@@ -54,8 +54,8 @@ def random_rain(shape: str, device: str, tokenizer: str | Path | None = None,
     model's) and a random-weight MiniLM (config and tokenizer from `embedder`, default: the package's)."""
     from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-    from .embedder import MiniLMEmbedder, minilm_path
-    from .models import converted_folder, default_gguf
+    from rain_llm.engine.hf.models import converted_folder, default_gguf
+    from rain_llm.values.embedder import MiniLMEmbedder, minilm_path
 
     tok = AutoTokenizer.from_pretrained(tokenizer or converted_folder(default_gguf()))
     minilm = Path(embedder) if embedder else minilm_path()
@@ -113,7 +113,7 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
                    schedule: str = "token") -> dict[str, Any]:
     """All prompts through one continuous batch, `batch` in flight; one record for the whole run
     (compute: all the work of the model and the embedder, each step's counted once)."""
-    from .engine.base import Counters
+    from rain_llm.engine.base import Counters
 
     rain.engine.reset()  # from an empty cache: nothing left over from the warm-up's prompts
     cb = rain.continuous_batch(schedule)

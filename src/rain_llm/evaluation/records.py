@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RainError
+from rain_llm.errors import RainError
 
 TASKS = ("hh", "advbench", "truthfulqa", "xstest", "selfeval", "sentiment")
 

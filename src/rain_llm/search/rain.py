@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .config import RainConfig, token_set_length
+from rain_llm.config import RainConfig, token_set_length
 
 Tokens = tuple[int, ...]
 Job = tuple[Tokens, int, int, int]  # expand: (answer, token-set length, candidates, sample attempts)

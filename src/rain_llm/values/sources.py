@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .errors import RainError
-from .evaluators import SelfEvaluator, Template
+from rain_llm.errors import RainError
+from rain_llm.values.templates import SelfEvaluator, Template
 
 
 class Evaluator(Protocol):
@@ -133,8 +133,8 @@ def build_value_source(spec: str | Callable[[str, str], float], *, policy: Any, 
     if spec.startswith("reward:"):
         return RewardModelValue(spec.split(":", 1)[1], device=device)
     if spec.startswith("judge:"):
-        from .api import Rain
-        from .prompts import chat_wrapper, has_chat_template
+        from rain_llm.api import Rain
+        from rain_llm.runtime.prompts import chat_wrapper, has_chat_template
 
         judge = Rain.load(spec.split(":", 1)[1], device=device)
         judge_chat = has_chat_template(judge.tokenizer) and chat

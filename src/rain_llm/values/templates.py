@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine.base import Engine
-from .errors import RainError
+from rain_llm.engine.base import Engine
+from rain_llm.errors import RainError
 
 BUILTIN_TEMPLATES = ("harmlessness", "truthfulness", "sentiment")
 PLACEHOLDERS = ("{prompt}", "{response}", "{option_a}", "{option_b}")

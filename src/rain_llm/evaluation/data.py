@@ -20,8 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import RainError
-from .records import TASKS, Example
+from rain_llm.errors import RainError
+from rain_llm.evaluation.records import TASKS, Example
 
 # Default files, relative to default_data_dir(). "sentiment" ships with the package instead.
 DEFAULT_FILES = {
@@ -57,8 +57,8 @@ def default_data_dir() -> Path | None:
     if env:
         return Path(env).expanduser()
     parents = Path(__file__).resolve().parents
-    if len(parents) > 3:
-        guess = parents[3] / "shared" / "data"
+    if len(parents) > 4:  # src/rain_llm/evaluation/data.py -> the folder holding the repository
+        guess = parents[4] / "shared" / "data"
         if guess.is_dir():
             return guess
     return None
