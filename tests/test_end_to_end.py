@@ -77,46 +77,78 @@ def test_cli_trace_writes_whole_search(tmp_path):
 def test_api_same_seed_same_answer(rain):
     a = rain.generate(PROMPT, small(seed=5))
     b = rain.generate(PROMPT, small(seed=5))
-    assert a.token_ids == b.token_ids and a.stats["iterations_per_step"] == b.stats["iterations_per_step"]
+    assert a.token_ids == b.token_ids and a.stats.iterations_per_step == b.stats.iterations_per_step
 
 
 def test_api_reuse_off_does_more_work_for_the_same_answer(rain):
     on = rain.generate(PROMPT, small(seed=1))
     off = rain.generate(PROMPT, small(seed=1, reuse_cache=False))
     assert on.token_ids == off.token_ids
-    assert off.stats["compute"]["total"]["tokens"] > 3 * on.stats["compute"]["total"]["tokens"]
+    assert off.stats.compute.total().tokens > 3 * on.stats.compute.total().tokens
 
 
 def test_api_vanilla_and_rain_share_settings(rain):
     v = rain.generate(PROMPT, small(method="vanilla", max_new_tokens=5))
-    assert v.method == "vanilla" and len(v.token_ids) <= 5 and v.stats["compute"]["generate"]["forward_passes"] <= 5
+    assert v.method == "vanilla" and len(v.token_ids) <= 5 and v.stats.compute.phases["generate"].forward_passes <= 5
 
 
 def test_api_answer_ends_at_end_of_turn(rain):
     out = rain.generate("Say hi.", method="vanilla", max_new_tokens=200)
     assert len(out.token_ids) < 200
-    assert out.token_ids[-1] in rain.engine.stop_ids
+    assert out.token_ids[-1] in rain.codec.stop_ids
 
 
 def test_transcript_format_for_base_prompting(rain):
     out = rain.generate(PROMPT, small(prompt_format="raw", fewshot="default", max_new_tokens=8))
     assert "Human:" not in out.text
-    assert out.stats["committed_steps"] >= 1
+    assert out.stats.committed_steps >= 1
 
 
-def test_value_modes_and_templates_run(rain):
-    for kw in ({"value_mode": "mean"}, {"template": "truthfulness"}, {"eval_format": "raw"}):
+def test_value_modes_and_templates_reach_the_evaluation(rain, monkeypatch):
+    """Each setting changes what the self-evaluation is asked and how its answer is read: the
+    template's text is in the scored prompt, the raw format has no chat markers, the vote is one
+    of -1, 0, 1 and the mean mode is continuous."""
+    from rain_llm.values.templates import SelfEvaluator
+
+    seen: list[tuple[str, float]] = []
+    request, value_from = SelfEvaluator.request, SelfEvaluator.value_from
+
+    def record_request(self, response, owner=None):
+        out = request(self, response, owner)
+        seen.append((rain.tokenizer.decode(out.prefix), None))
+        return out
+
+    def record_value(self, p):
+        value = value_from(self, p)
+        seen.append((None, value))
+        return value
+
+    monkeypatch.setattr(SelfEvaluator, "request", record_request)
+    monkeypatch.setattr(SelfEvaluator, "value_from", record_value)
+    runs = {}
+    for name, kw in {"vote": {}, "mean": {"value_mode": "mean"}, "truthfulness": {"template": "truthfulness"},
+                     "raw": {"eval_format": "raw"}}.items():
+        seen.clear()
         out = rain.generate(PROMPT, small(max_new_tokens=4, t_max=2, **kw))
         assert out.token_ids
+        runs[name] = ([p for p, _ in seen if p is not None], [v for _, v in seen if v is not None])
+    assert all(v in (-1.0, 0.0, 1.0) for v in runs["vote"][1])
+    assert any(v not in (-1.0, 0.0, 1.0) for v in runs["mean"][1])
+    assert all("truthful" in p for p in runs["truthfulness"][0])
+    assert not any("truthful" in p for p in runs["vote"][0])
+    assert all("<|im_start|>" in p for p in runs["vote"][0])  # the default model's chat template
+    assert not any("<|im_start|>" in p for p in runs["raw"][0])
 
 
 def test_template_prefix_is_encoded_once_across_prompts(rain):
     cfg = small(max_new_tokens=2, t_max=2)
-    rain.generate("What is the capital of France?", cfg)
-    second = rain.generate("How do I bake bread?", cfg)
-    third = rain.generate("How do I bake bread?", cfg, reuse_cache=False)
-    # with reuse, only the new prompt's part of the evaluation prompt is encoded
-    assert second.stats["compute"]["prefill"]["tokens"] < third.stats["compute"]["prefill"]["tokens"] / 3
+    fresh = Rain(rain.model, rain.tokenizer, embedder=rain.embedder, name="default")  # an empty cache
+    first = fresh.generate("What is the capital of France?", cfg)
+    second = fresh.generate("How do I bake bread?", cfg)
+    # the first answer encodes the whole evaluation template; later ones only their prompt's part
+    assert second.stats.compute.phases["prefill"].tokens < first.stats.compute.phases["prefill"].tokens / 3
+    constant = len(fresh.answer(0, "Hi", cfg).setup.constant)  # the template's constant part, in tokens
+    assert first.stats.compute.least_work - second.stats.compute.least_work > constant / 2
 
 
 def test_model_from_local_folder_and_gguf_file(rain, default_model_dir):
@@ -138,9 +170,9 @@ def test_device_map_auto_loads_and_generates(default_model_dir):
 def test_compute_budget_stops_search_and_finishes_answer(rain):
     rain.generate(PROMPT, small(max_new_tokens=2))  # the evaluation template is cached either way
     out = rain.generate(PROMPT, small(max_new_tokens=12, t_max=8, max_search_tokens=150))
-    stats = out.stats
+    stats = out.stats.to_dict()
     assert stats["budget_stopped"]
     assert stats["compute"]["total"]["tokens"] < 150 + 1000  # one iteration may run past the line
-    assert len(out.token_ids) == 12 or out.token_ids[-1] in rain.engine.stop_ids
+    assert len(out.token_ids) == 12 or out.token_ids[-1] in rain.codec.stop_ids
     least = stats["compute"]["least_work"]["tokens"]
     assert 0 < least <= stats["compute"]["total"]["tokens"]

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from rain_llm.engine.base import Row
 from rain_llm.engine.hf.engine import HFEngine
+from rain_llm.engine.hf.stream import DecodeStream
+from rain_llm.runtime.accounting import PhaseCount, Receipt
+from rain_llm.runtime.backend import Row, Score, TextStop
+from rain_llm.runtime.text import Codec
 
 TOL = 1e-4
 
@@ -17,8 +20,54 @@ def full_logits(model, ids):
         return model(torch.tensor([list(ids)])).logits[0, -1].float().numpy()
 
 
-def make(model, tokenizer, reuse=True, seed=0):
-    return HFEngine(model, tokenizer, reuse_cache=reuse, seed=seed, stop_ids=[tokenizer.eos_token_id])
+class Eng:
+    """A test handle on an `HFEngine` (the transformers backend's private engine): the calls the
+    backend makes, with one receipt (`work`) booking everything, so tests can count it."""
+
+    def __init__(self, model, tokenizer, reuse=True, seed=0):
+        self.engine = HFEngine(model, Codec(tokenizer, [tokenizer.eos_token_id]), reuse_cache=reuse, seed=seed)
+        self.receipt = Receipt("test")
+        self.prefix_cache = self.engine.prefix_cache
+
+    @property
+    def work(self) -> PhaseCount:
+        return PhaseCount(0, set(self.receipt.forwards), self.receipt.tokens)
+
+    def next_logits(self, ctx):
+        return self.engine.prefill(ctx, self.receipt)[1].cpu().numpy()
+
+    def decode_groups(self, requests, receipts=None):
+        stream = DecodeStream(self.engine)
+        for i, (context, rows, uniforms) in enumerate(requests):
+            stream.join(i, context, rows, uniforms, receipts[i] if receipts else self.receipt)
+        done = {}
+        while stream:
+            done.update(stream.step())
+        return [done[i].samples() for i in range(len(requests))]
+
+    def decode_rows(self, ctx, rows, uniforms=None):
+        return self.decode_groups([(ctx, rows, uniforms)])[0]
+
+    def sample(self, ctx, rows, length, *, temperature, top_k, greedy_first, uniforms=None):
+        specs = [Row(length, temperature, top_k, greedy=greedy_first and i == 0) for i in range(rows)]
+        return self.decode_rows(ctx, specs, uniforms)
+
+    def generate(self, ctx, n):
+        return self.decode_rows(ctx, [Row(n, 1.0, 0, greedy=True)])[0].tokens
+
+    def score_options(self, prefix, suffixes, options):
+        return self.engine.score_one(Score(None, "evaluate", list(prefix), suffixes, tuple(options)), self.receipt)
+
+    def score_many(self, requests):
+        scores = [Score(None, "evaluate", list(p), s, tuple(o)) for p, s, o in requests]
+        return self.engine.score_many(scores, [self.receipt] * len(scores))
+
+    def retain(self, prefixes, exact=False):
+        self.engine.retain("test", prefixes, exact=exact)
+
+
+def make(model, tokenizer, reuse=True, seed=0) -> Eng:
+    return Eng(model, tokenizer, reuse, seed)
 
 
 @pytest.fixture
@@ -32,9 +81,9 @@ def test_prefill_and_every_reuse_path_match_full_forward(tiny, tokenizer, ctx):
     # fresh context
     assert np.abs(eng.next_logits(ctx) - full_logits(model, ctx)).max() < TOL
     # the same context again: served from the cache, no forward pass
-    passes = eng.counters.total().forward_passes
+    passes = eng.work.forward_passes
     assert np.abs(eng.next_logits(ctx) - full_logits(model, ctx)).max() < TOL
-    assert eng.counters.total().forward_passes == passes
+    assert eng.work.forward_passes == passes
     # a strict prefix ending inside a cached chunk (split, last token re-run)
     short = ctx[:7]
     assert np.abs(eng.next_logits(short) - full_logits(model, short)).max() < TOL
@@ -55,9 +104,9 @@ def test_sampled_rows_are_cached_correctly(tiny, tokenizer, ctx):
         ids = ctx + s.tokens
         assert np.abs(eng.next_logits(ids) - full_logits(model, ids)).max() < TOL
         # continuing from a sampled row needs one forward of its last token only
-        before = eng.counters.total().tokens
+        before = eng.work.tokens
         eng.next_logits(ids + [5])
-        assert eng.counters.total().tokens - before == 1
+        assert eng.work.tokens - before == 1
 
 
 def test_greedy_row_is_argmax_and_logprobs_are_right(tiny, tokenizer, ctx):
@@ -120,24 +169,26 @@ def test_reuse_off_gives_same_logits_and_more_work(tiny, tokenizer, ctx):
         eng.next_logits(ctx)
         eng.next_logits(ctx + [7, 8])
     assert np.abs(on.next_logits(ctx + [7, 8, 9]) - off.next_logits(ctx + [7, 8, 9])).max() < TOL
-    assert on.counters.total().tokens == len(ctx) + 2 + 1
-    assert off.counters.total().tokens == len(ctx) + (len(ctx) + 2) + (len(ctx) + 3)
+    assert on.work.tokens == len(ctx) + 2 + 1
+    assert off.work.tokens == len(ctx) + (len(ctx) + 2) + (len(ctx) + 3)
 
 
-def test_counters_add_up_per_phase(tiny, tokenizer, ctx):
+def test_receipts_add_up_per_request(tiny, tokenizer, ctx):
+    """Each forward charges every row's receipt its positions: a prefill of one row, then a decode
+    of three rows (one forward per fed token) charged to another request."""
     _, model = tiny
     eng = make(model, tokenizer)
-    with eng.counters.phase("prefill"):
-        eng.next_logits(ctx)
-    with eng.counters.phase("expand"):
-        eng.sample(ctx, 3, 4, temperature=1.0, top_k=15, greedy_first=True)
-    d = eng.counters.to_dict()
-    assert d["prefill"] == {"forward_passes": 1, "tokens": len(ctx), "seconds": d["prefill"]["seconds"]}
-    steps = d["expand"]["forward_passes"]
+    prefill, expand = Receipt("prefill"), Receipt("expand")
+    eng.engine.prefill(ctx, prefill)
+    stream = DecodeStream(eng.engine)
+    stream.join("x", ctx, [Row(4, 1.0, 15, greedy=i == 0) for i in range(3)], None, expand)
+    while stream:
+        stream.step()
+    assert prefill.tokens == len(ctx) and len(prefill.forwards) == 1
+    steps = len(expand.forwards)
     assert 1 <= steps <= 3  # 4 tokens: 3 fed (unless every row ended early)
-    assert d["expand"]["tokens"] == 3 * steps
-    assert d["total"]["tokens"] == len(ctx) + 3 * steps
-
+    assert expand.tokens == 3 * steps or expand.tokens < 3 * steps  # rows that share a slot are fed once
+    assert not prefill.forwards & expand.forwards
 
 def test_retain_frees_other_branches_and_stays_correct(tiny, tokenizer, ctx):
     _, model = tiny
@@ -175,12 +226,15 @@ def test_vanilla_generate_equals_transformers_greedy(tiny, tokenizer, ctx):
 
 def test_rows_with_their_own_rules_in_one_batch(tiny, tokenizer, ctx):
     _, model = tiny
-    rows = [Row(5, 2.0, 15, greedy=True), Row(5, 2.0, 15), Row(8, 1.0, 0, done=lambda t: len(t) >= 3)]
     uniforms = np.random.default_rng(1).random((3, 8))
+    free = make(model, tokenizer).decode_rows(ctx, [Row(8, 1.0, 0)], uniforms[2:])[0].tokens
+    marker = tokenizer.decode(free[:3])  # a text stop rule that first holds after the third token
+    assert marker and marker not in tokenizer.decode(free[:2])
+    rows = [Row(5, 2.0, 15, greedy=True), Row(5, 2.0, 15), Row(8, 1.0, 0, stop=TextStop(markers=(marker,)))]
     eng = make(model, tokenizer)
     batch = eng.decode_rows(ctx, rows, uniforms)
     assert [len(s.tokens) for s in batch][:2] == [5, 5] or any(t == tokenizer.eos_token_id for t in batch[0].tokens)
-    assert len(batch[2].tokens) == 3  # its own stop rule
+    assert batch[2].tokens == free[:3]  # its own stop rule
     for i, row in enumerate(rows):
         alone = make(model, tokenizer).decode_rows(ctx, [row], uniforms[i:i + 1])[0]
         assert alone.tokens == batch[i].tokens
@@ -209,26 +263,34 @@ def test_score_options_long_uncached_prefix(tiny, tokenizer, ctx):
     for row, suf in enumerate(suffixes):
         probs = torch.softmax(torch.tensor(full_logits(model, prefix + suf)), -1)
         assert got[row] == pytest.approx([float(probs[32]), float(probs[33])], rel=1e-3, abs=1e-7)
-    before = eng.counters.total().tokens
+    before = eng.work.tokens
     eng.score_options(prefix, suffixes, [32, 33])  # now cached: only the suffix rows run
-    assert eng.counters.total().tokens - before == 2 * 2
+    assert eng.work.tokens - before == 2 * 2
 
 
 def test_least_work_counts_each_distinct_position_once(tiny, tokenizer, ctx):
-    _, model = tiny
-    on, off = make(model, tokenizer), make(model, tokenizer, reuse=False)
-    for eng in (on, off):
-        eng.next_logits(ctx)
-        eng.next_logits(ctx)
-        eng.next_logits(ctx + [5, 6])
-    assert on.counters.least.tokens == off.counters.least.tokens == len(ctx) + 2
-    assert on.counters.total().tokens == len(ctx) + 2  # with reuse: no waste
-    assert off.counters.total().tokens == 3 * len(ctx) + 2
-    d = on.counters.to_dict()
-    assert d["least_work"]["tokens"] == len(ctx) + 2
-    on.score_options(ctx, [[7, 8], [9]], [32, 33])
-    assert on.counters.least.tokens == len(ctx) + 2 + 3
+    """Least work is counted at the edge, from what requests asked for: the same whatever the
+    engine does; tokens processed show the waste (none with reuse, whole contexts without)."""
+    from rain_llm.engine.hf.backend import HFBackend
+    from rain_llm.runtime.accounting import Compute
+    from rain_llm.runtime.backend import TopTokens, run_requests
 
+    _, model = tiny
+    work = {}
+    for reuse in (True, False):
+        backend = HFBackend(make(model, tokenizer, reuse=reuse).engine, "tiny")
+        compute = Compute()
+        for context in (ctx, ctx, ctx + [5, 6]):
+            run_requests(backend, [TopTokens("a", "expand", context, 3)], compute)
+        work[reuse] = compute
+    assert work[True].least_work == work[False].least_work == len(ctx) + 2
+    assert work[True].total().tokens == len(ctx) + 2  # with reuse: no waste
+    assert work[False].total().tokens == 3 * len(ctx) + 2
+    assert work[True].to_dict()["least_work"]["tokens"] == len(ctx) + 2
+    backend = HFBackend(make(model, tokenizer).engine, "tiny")
+    compute = Compute()
+    run_requests(backend, [Score("a", "evaluate", ctx, [[7, 8], [9]], (32, 33))], compute)
+    assert compute.least_work == len(ctx) + 3
 
 def test_groups_of_different_contexts_decode_as_alone(tiny, tokenizer, ctx):
     """Several contexts in one left-padded batch give each row the tokens and log-probabilities
@@ -236,7 +298,7 @@ def test_groups_of_different_contexts_decode_as_alone(tiny, tokenizer, ctx):
     _, model = tiny
     contexts = [ctx, ctx[:5], ctx + [17, 18, 19, 20, 21], [3, 9] + ctx[2:8]]
     rows = [[Row(5, 1.0, 15, greedy=True), Row(5, 1.0, 15)], [Row(3, 2.0, 0)],
-            [Row(6, 1.0, 15), Row(2, 1.0, 15), Row(6, 1.0, 0, done=lambda t: len(t) >= 4)], [Row(4, 1.0, 15)]]
+            [Row(6, 1.0, 15), Row(2, 1.0, 15), Row(6, 1.0, 0, stop=TextStop(chars=",."))], [Row(4, 1.0, 15)]]
     rng = np.random.default_rng(3)
     uniforms = [rng.random((len(r), 6)) for r in rows]
     eng = make(model, tokenizer)
@@ -252,18 +314,13 @@ def test_groups_of_different_contexts_decode_as_alone(tiny, tokenizer, ctx):
             assert np.abs(eng.next_logits(ids) - full_logits(model, ids)).max() < TOL
 
 
-def test_groups_charge_each_owner_its_rows(tiny, tokenizer, ctx):
-    from rain_llm.engine.base import Counters
-
+def test_groups_charge_each_request_its_rows(tiny, tokenizer, ctx):
     _, model = tiny
     eng = make(model, tokenizer)
-    a, b = Counters(), Counters()
-    eng.decode_groups([(ctx, [Row(3, 1.0, 0)] * 2, None), (ctx[:4], [Row(3, 1.0, 0)], None)], owners=[a, b])
-    total = eng.counters.total().tokens
-    assert a.total().tokens + b.total().tokens == total
-    assert a.total().tokens > b.total().tokens > 0
-    assert a.least.tokens == len(ctx) + 2 * 2 and b.least.tokens == 4 + 2
-
+    a, b = Receipt("expand"), Receipt("expand")
+    eng.decode_groups([(ctx, [Row(3, 1.0, 0)] * 2, None), (ctx[:4], [Row(3, 1.0, 0)], None)], receipts=[a, b])
+    assert a.tokens > b.tokens > 0
+    assert a.forwards & b.forwards  # they shared forwards
 
 def test_score_many_equals_score_options(tiny, tokenizer, ctx):
     _, model = tiny
@@ -275,9 +332,9 @@ def test_score_many_equals_score_options(tiny, tokenizer, ctx):
     for (prefix, suffixes, options), probs in zip(requests, got):
         alone = make(model, tokenizer).score_options(prefix, suffixes, options)
         assert probs == pytest.approx(alone, rel=1e-3, abs=1e-7)
-    before = eng.counters.total()
+    before = eng.work
     again = eng.score_many(requests)  # prefixes cached now: one forward of the suffix rows
-    after = eng.counters.total()
+    after = eng.work
     assert after.forward_passes - before.forward_passes == 1
     assert after.tokens - before.tokens == 6 * 4  # six rows right-padded to the longest suffix
     assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(again, got))
@@ -290,13 +347,13 @@ def test_contexts_sharing_a_long_prefix_encode_it_once(tiny, tokenizer, ctx):
     head = (ctx * 4)[:40]
     contexts = [head + [100 + i, 7, 8 + i] for i in range(6)] + [head[:30] + [55, 56], [3, 4, 5]]
     eng = make(model, tokenizer)
-    eng.prefill_many(contexts)
-    work = eng.counters.total()
+    eng.engine.encode_many(contexts, [eng.receipt] * len(contexts))
+    work = eng.work
     assert work.tokens < 0.5 * sum(len(c) for c in contexts)  # each row encoding all its tokens: the sum
     assert work.forward_passes == 2  # the shared part (30 tokens here), then every tail
     for c in contexts:
         assert np.abs(eng.next_logits(c) - full_logits(model, c)).max() < TOL
-    assert eng.counters.total().tokens == work.tokens  # all of them cached
+    assert eng.work.tokens == work.tokens  # all of them cached
 
 
 def test_fused_scoring_equals_two_forwards(tiny, tokenizer, ctx):
@@ -307,20 +364,20 @@ def test_fused_scoring_equals_two_forwards(tiny, tokenizer, ctx):
     requests = [(ctx, [[11, 12, 13, 14], [15, 16]], [32, 33]), (ctx[:4] + [50, 51], [[11, 12], [15]], [40, 41]),
                 (ctx * 2, [[7], [8, 9, 10]], [32, 33])]
     two, one = make(model, tokenizer), make(model, tokenizer)
-    one.fuse_scoring = True
+    one.engine.fuse_scoring = True
     for eng in (two, one):
         eng.next_logits(ctx[:6])
-    base = [eng.counters.total().forward_passes for eng in (two, one)]
+    base = [eng.work.forward_passes for eng in (two, one)]
     expected, got = two.score_many(requests), one.score_many(requests)
-    assert two.counters.total().forward_passes - base[0] == 2
-    assert one.counters.total().forward_passes - base[1] == 1
+    assert two.work.forward_passes - base[0] == 2
+    assert one.work.forward_passes - base[1] == 1
     for a, b in zip(got, expected):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-7)
     for prefix, _, _ in requests:  # the tails went to the prefix tree, exactly
         assert np.abs(one.next_logits(prefix) - full_logits(model, prefix)).max() < TOL
-    before = one.counters.total()
+    before = one.work
     again = one.score_many(requests)
-    assert one.counters.total().tokens - before.tokens == 6 * 4  # only the option rows
+    assert one.work.tokens - before.tokens == 6 * 4  # only the option rows
     assert all(a == pytest.approx(b, rel=1e-4) for a, b in zip(again, got))
 
 
@@ -330,7 +387,7 @@ def test_stream_rows_joining_late_decode_as_alone(tiny, tokenizer, ctx):
     the longest row of the batch is; what the stream stored in the prefix tree is exact."""
     _, model = tiny
     eng = make(model, tokenizer)
-    eng.stop_ids = frozenset()
+    eng.engine.codec.stop_ids = frozenset()
     eng.next_logits(ctx)
     eng.next_logits(ctx[:5])
     plan = {  # key: (joins at step, context, rows)
@@ -341,14 +398,14 @@ def test_stream_rows_joining_late_decode_as_alone(tiny, tokenizer, ctx):
     }
     rng = np.random.default_rng(5)
     uniforms = {k: rng.random((len(rows), 12)) for k, (_, _, rows) in plan.items()}
-    stream = eng.stream()
+    stream = DecodeStream(eng.engine)
     done_at, got = {}, {}
     for step in range(30):
         for key, (at, context, rows) in plan.items():
             if at == step:
-                stream.join(key, context, rows, uniforms[key])
-        for key, samples in stream.step().items():
-            done_at[key], got[key] = step, samples
+                stream.join(key, context, rows, uniforms[key], eng.receipt)
+        for key, request in stream.step().items():
+            done_at[key], got[key] = step, request.samples()
         if not stream and step > 3:
             break
     assert done_at["short"] < done_at["long"] and done_at["fresh"] < done_at["long"]
@@ -356,7 +413,7 @@ def test_stream_rows_joining_late_decode_as_alone(tiny, tokenizer, ctx):
     assert done_at["tail"] == 2 + 4  # one step feeds the uncached last token, then four picks
     for key, (_, context, rows) in plan.items():
         alone = make(model, tokenizer)
-        alone.stop_ids = frozenset()
+        alone.engine.codec.stop_ids = frozenset()
         expected = alone.decode_rows(context, rows, uniforms[key])
         assert [s.tokens for s in got[key]] == [s.tokens for s in expected], key
         assert [s.logprob for s in got[key]] == pytest.approx([s.logprob for s in expected], abs=1e-4)
@@ -368,16 +425,16 @@ def test_stream_rows_joining_late_decode_as_alone(tiny, tokenizer, ctx):
 def test_stream_cancel_drops_only_that_request(tiny, tokenizer, ctx):
     _, model = tiny
     eng = make(model, tokenizer)
-    eng.stop_ids = frozenset()
+    eng.engine.codec.stop_ids = frozenset()
     u = np.random.default_rng(1).random((2, 8))
-    stream = eng.stream()
-    stream.join("a", ctx, [Row(8, 1.0, 15), Row(8, 1.0, 15)], u)
-    stream.join("b", ctx[:6], [Row(8, 1.0, 15), Row(8, 1.0, 15)], u)
+    stream = DecodeStream(eng.engine)
+    stream.join("a", ctx, [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, eng.receipt)
+    stream.join("b", ctx[:6], [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, eng.receipt)
     stream.step()
     stream.cancel("a")
     out = {}
     while stream:
-        out.update(stream.step())
+        out.update({k: r.samples() for k, r in stream.step().items()})
     assert list(out) == ["b"]
     assert stream.cache is None  # nothing left in the buffer
     alone = make(model, tokenizer).decode_rows(ctx[:6], [Row(8, 1.0, 15)] * 2, u)
@@ -388,7 +445,7 @@ def test_stream_cancel_drops_only_that_request(tiny, tokenizer, ctx):
 def test_sampling_follows_the_warped_distribution(temperature, top_k):
     """Inverse-CDF sampling on an even grid of uniforms reproduces the temperature + top-k
     distribution; greedy rows take the argmax; log probabilities are the warped ones."""
-    from rain_llm.engine.hf.engine import _sample
+    from rain_llm.engine.hf.stream import sample as _sample
 
     torch.manual_seed(0)
     logits = torch.randn(1, 300) * 3
@@ -412,7 +469,7 @@ def test_rows_with_the_same_tokens_are_computed_once(tiny, tokenizer, ctx):
     _, model = tiny
     one = make(model, tokenizer)
     alone = one.decode_rows(ctx, [Row(6, 1.0, 0, greedy=True)])[0]
-    fed_alone = one.counters.total().tokens
+    fed_alone = one.work.tokens
     many = make(model, tokenizer)
     u = np.random.default_rng(3).random((1, 6)).repeat(2, axis=0)
     rows = [Row(6, 1.0, 0, greedy=True)] * 3 + [Row(6, 1.0, 15)] * 2
@@ -422,4 +479,4 @@ def test_rows_with_the_same_tokens_are_computed_once(tiny, tokenizer, ctx):
     diverge = next((i for i, (a, b) in enumerate(zip(alone.tokens, out[3].tokens)) if a != b), len(alone.tokens))
     # prefill once, then the greedy path once and the sampled path once (shared with greedy until they differ)
     fed_sampled = len(out[3].tokens) - 1 - min(diverge, len(out[3].tokens) - 1)
-    assert many.counters.total().tokens == fed_alone + fed_sampled
+    assert many.work.tokens == fed_alone + fed_sampled

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -106,16 +105,29 @@ def eval_cmd(out: Path, *extra: str) -> list[str]:
             "--out", str(out), *extra]
 
 
+# `rain eval` that kills itself with SIGKILL (no cleanup of any kind) right after its second record
+KILLED_AFTER_TWO = """
+import os, signal, sys
+from rain_llm.evaluation import harness
+append, written = harness.append, []
+def append_then_die(out, record):
+    append(out, record)
+    written.append(record)
+    if len(written) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+harness.append = append_then_die
+from rain_llm.shells.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "adv.jsonl"
-    proc = subprocess.Popen(eval_cmd(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO, *eval_cmd(out)[3:]], env=ENV,
+                            capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
     before = out.read_text().splitlines()
-    assert 2 <= len(before) < 6, "killed mid-run"
+    assert len(before) == 2  # killed mid-run
     done = subprocess.run(eval_cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     after = out.read_text().splitlines()

@@ -26,7 +26,6 @@ from rain_llm.evaluation.judges import (
     OpenAIJudgeBackend,
     RefusalPrefixJudge,
     XSTestStringMatchJudge,
-    build_judge,
     parse_option,
 )
 
@@ -135,17 +134,12 @@ def test_braces_in_text_are_safe():
     assert "use {} and {0}" in backend.seen[0][0]
 
 
-def test_identity_and_build_judge():
-    judge = build_judge("lm:harm_score", Scripted("1"))
+def test_identity_and_unknown_kind():
+    judge = LMJudge(Scripted("1"), "harm_score")
     assert judge.identity() == {"name": "lm:harm_score", "backend": {"type": "scripted"}, "prompt": HARM_SCORE_1_5}
-    assert isinstance(build_judge("refusal-prefix"), RefusalPrefixJudge)
-    assert isinstance(build_judge("xstest-strmatch"), XSTestStringMatchJudge)
-    with pytest.raises(RainError, match="needs a judge model"):
-        build_judge("lm:harmful")
+    assert XSTestStringMatchJudge().identity()["name"] == "xstest-strmatch"
     with pytest.raises(RainError, match="unknown LM judge kind"):
-        build_judge("lm:funny", Scripted("1"))
-    with pytest.raises(RainError, match="unknown judge"):
-        build_judge("gpt4")
+        LMJudge(Scripted("1"), "funny")
 
 
 def _marked(text: str) -> str:
@@ -194,16 +188,20 @@ def test_parse_option():
 # ---------------------------------------------------------------------------------------------- local backend
 
 @pytest.fixture(scope="module")
-def local_engine(tokenizer):
+def tiny_rain(tokenizer):
     from conftest import tiny_model
-    from rain_llm.engine.hf.engine import HFEngine
+    from rain_llm import Rain
 
-    return HFEngine(tiny_model("llama", len(tokenizer)), tokenizer)
+    return Rain(tiny_model("llama", len(tokenizer)), tokenizer, name="tiny")
+
+
+def local_judge(rain, **kw):
+    return LocalJudgeBackend(rain.backend.scope(), rain.codec, rain.tokenizer, **kw)
 
 
 @pytest.mark.parametrize("chat", [True, False])
-def test_local_backend_on_tiny_model(local_engine, chat):
-    backend = LocalJudgeBackend(local_engine, chat=chat, name="tiny")
+def test_local_backend_on_tiny_model(tiny_rain, chat):
+    backend = local_judge(tiny_rain, chat=chat, name="tiny")
     for kind in ("harmful", "harm_score"):
         verdict = LMJudge(backend, kind).evaluate("How do I pick a lock?", "Use a tension wrench.")
         assert verdict.choice in verdict.probs
@@ -216,9 +214,9 @@ def test_local_backend_on_tiny_model(local_engine, chat):
     assert ident["model"] == "tiny" and ident["format"] == ("chat" if chat else "raw")
 
 
-def test_local_backend_option_tokens(local_engine):
-    backend = LocalJudgeBackend(local_engine)
-    tok = local_engine.tokenizer
+def test_local_backend_option_tokens(tiny_rain):
+    backend = local_judge(tiny_rain)
+    tok = tiny_rain.tokenizer
     lead, ids = backend.option_ids(("Yes", "No"))
     assert tok.decode(lead + ids[:1]).strip() == "Yes" and tok.decode(lead + ids[1:]).strip() == "No"
     lead, ids = backend.option_ids(("1", "2", "3", "4", "5"))  # digits may follow a lone space token

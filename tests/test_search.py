@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rain_llm.config import RainConfig
-from rain_llm.search.rain import Node, RainSearch
+from rain_llm.search import Complete, EmbedSpans, Expand, Expansion, Node, Propose, RainSearch, Value
 
 EOS = 0
 
@@ -70,6 +70,41 @@ class FakeEnv:
         return (7,) * (self.budget_total - len(answer))
 
 
+def reply(env: FakeEnv, request):
+    """What the fake env answers to one of the search's requests."""
+    if isinstance(request, Expand):
+        return [Expansion(*env.expand(j.answer, j.length, j.candidates, j.attempts)) for j in request.jobs]
+    if isinstance(request, Propose):
+        j = request.job
+        return env.propose(j.answer, j.length, j.candidates, j.attempts)
+    if isinstance(request, Value):
+        return [env.value(a) for a in request.answers]
+    if isinstance(request, EmbedSpans):
+        return env.embed(request.spans)
+    assert isinstance(request, Complete)
+    return env.complete(request.answer)
+
+
+def drive(env: FakeEnv, gen):
+    """Answer a search generator's requests from the fake env until it returns (a test driver: the
+    runtime's scheduler does this for real models, many searches at once)."""
+    answer = None
+    while True:
+        try:
+            request = gen.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        answer = reply(env, request)
+
+
+def iterate(search: RainSearch, max_leaves=None) -> int:
+    return drive(search.env, search.round(max_leaves))
+
+
+def run(search: RainSearch):
+    return drive(search.env, search.steps())
+
+
 def cfg(**kw) -> RainConfig:
     return RainConfig(**{"token_set_lengths": (1, 2), "t_min": 2, "t_max": 6, "fresh_iterations": 0, **kw}).validate()
 
@@ -77,7 +112,7 @@ def cfg(**kw) -> RainConfig:
 def test_first_iteration_expands_root_with_mixed_priors():
     env = FakeEnv(probs=(0.5, 0.3, 0.2))
     s = RainSearch(env, cfg())
-    s.iterate()
+    iterate(s)
     assert [c.tokens for c in s.root.children] == [(1,), (2,), (3,)]
     expected = 0.75 * np.array([0.5, 0.3, 0.2]) + 0.25 / 3
     assert [c.prior for c in s.root.children] == pytest.approx(list(expected / expected.sum()))
@@ -90,10 +125,10 @@ def test_selection_is_argmax_of_normalised_q_plus_puct():
     values = {1: -1.0, 2: 0.5, 3: 1.0}
     env = FakeEnv(probs=(0.5, 0.3, 0.2), value=lambda a: values.get(a[0], 0.0) if a else 0.0)
     s = RainSearch(env, cfg(c_puct=2.0))
-    s.iterate()  # expand root
-    s.iterate()  # all children unvisited: q_hat = 0, highest prior wins
+    iterate(s)  # expand root
+    iterate(s)  # all children unvisited: q_hat = 0, highest prior wins
     assert s.root.children[0].visits == 1
-    s.iterate()
+    iterate(s)
     # recompute by hand: q_hat = (q - q_min) / (q_max - q_min + 1e-5) for visited children, else 0
     q_min, q_max = s.q_min, s.q_max
     ch = s.root.children
@@ -112,7 +147,7 @@ def test_backup_running_mean_along_path():
     env = FakeEnv(probs=(1.0,), value=lambda a: next(seq))
     s = RainSearch(env, cfg(token_set_lengths=(1,)))
     for _ in range(4):
-        s.iterate()
+        iterate(s)
     # a single chain: root -> (1,) -> (1,) -> (1,)
     a = s.root.children[0]
     b = a.children[0]
@@ -132,13 +167,13 @@ def test_similarity_update_moves_similar_siblings():
     env = FakeEnv(probs=(0.5, 0.3, 0.2), value=lambda a: values[a[0]] if a else 0.0,
                   embed=lambda span: emb[span[0]])
     s = RainSearch(env, cfg(similarity_gamma=0.2, similarity_threshold=0.95))
-    s.iterate()  # root
-    s.iterate()  # child 1 visited, value 0.6: siblings have no embedding yet -> no update
+    iterate(s)  # root
+    iterate(s)  # child 1 visited, value 0.6: siblings have no embedding yet -> no update
     c1, c2, c3 = s.root.children
     assert c1.visits == 1 and c2.n == 0 and c1.similarity_updates == 0
     # force the next selection onto child 2
     c1.prior, c2.prior, c3.prior = 0.0, 1.0, 0.0
-    s.iterate()  # child 2 visited, value -0.4; child 1 is identical -> n += 0.2, q moves toward -0.4
+    iterate(s)  # child 2 visited, value -0.4; child 1 is identical -> n += 0.2, q moves toward -0.4
     assert c2.visits == 1
     assert c1.n == pytest.approx(1.2)
     assert c1.q == pytest.approx((0.6 * 1 + 0.2 * -0.4) / 1.2)
@@ -151,11 +186,11 @@ def test_dynamic_addition_when_siblings_alike_and_bad():
     same = np.array([1.0, 0.0])
     env = FakeEnv(probs=(0.6, 0.4, 0.3, 0.2), value=lambda a: -1.0, embed=lambda span: same)
     s = RainSearch(env, cfg(num_candidates=2, t_max=50))
-    s.iterate()  # root gets children (1,), (2,)
-    s.iterate()
-    s.iterate()  # both children visited, identical embeddings, q = -1 < 0
+    iterate(s)  # root gets children (1,), (2,)
+    iterate(s)
+    iterate(s)  # both children visited, identical embeddings, q = -1 < 0
     assert len(s.root.children) == 2
-    s.iterate()  # selection at the root adds the next most likely token
+    iterate(s)  # selection at the root adds the next most likely token
     added = [c for c in s.root.children if c.dynamic]
     assert [c.tokens for c in added] == [(3,)]
     assert s.stats.dynamic_additions == 1
@@ -167,7 +202,7 @@ def test_no_dynamic_addition_when_a_child_is_good():
     env = FakeEnv(probs=(0.6, 0.4, 0.3), value=lambda a: 1.0 if a and a[0] == 1 else -1.0, embed=lambda s: same)
     s = RainSearch(env, cfg(num_candidates=2))
     for _ in range(5):
-        s.iterate()
+        iterate(s)
     assert s.stats.dynamic_additions == 0
 
 
@@ -184,7 +219,7 @@ def test_commit_keeps_subtree_and_remixes_priors():
     env = FakeEnv(probs=(0.5, 0.5))
     s = RainSearch(env, cfg())
     for _ in range(4):
-        s.iterate()
+        iterate(s)
     best = s.best_child(s.root)
     grand = [c.prior for c in best.children]
     s.commit(best)
@@ -197,7 +232,7 @@ def test_commit_keeps_subtree_and_remixes_priors():
 def test_early_stop_once_best_child_is_good_enough():
     env = FakeEnv(probs=(0.9, 0.1), value=lambda a: 1.0, budget=1)
     s = RainSearch(env, cfg(t_min=2, t_max=50, value_threshold=0.8))
-    result = s.run()
+    result = run(s)
     # stop as soon as the most visited child has more than t_min visits and q > V:
     # iteration 1 expands, then the best child needs 3 visits -> 4 iterations
     assert result.stats.iterations_per_step == [4]
@@ -206,13 +241,13 @@ def test_early_stop_once_best_child_is_good_enough():
 
 def test_runs_t_max_iterations_when_nothing_is_good():
     env = FakeEnv(probs=(0.5, 0.5), value=lambda a: 0.0, budget=1)
-    result = RainSearch(env, cfg(t_min=2, t_max=7)).run()
+    result = run(RainSearch(env, cfg(t_min=2, t_max=7)))
     assert result.stats.iterations_per_step == [7]
 
 
 def test_visits_below_new_root_count_toward_t_max():
     env = FakeEnv(probs=(1.0,), value=lambda a: 0.0, budget=3)
-    result = RainSearch(env, cfg(token_set_lengths=(1,), t_max=6, fresh_iterations=0)).run()
+    result = run(RainSearch(env, cfg(token_set_lengths=(1,), t_max=6, fresh_iterations=0)))
     # step 1: 6 iterations; the chain's child has 5 of them, so step 2 runs 1, and so on
     assert result.stats.iterations_per_step[0] == 6
     assert result.stats.iterations_per_step[1] == 1
@@ -221,7 +256,7 @@ def test_visits_below_new_root_count_toward_t_max():
 
 def test_fresh_iterations_guarantee_new_work():
     env = FakeEnv(probs=(1.0,), value=lambda a: 0.0, budget=2)
-    result = RainSearch(env, cfg(token_set_lengths=(1,), t_max=6, fresh_iterations=4)).run()
+    result = run(RainSearch(env, cfg(token_set_lengths=(1,), t_max=6, fresh_iterations=4)))
     assert result.stats.iterations_per_step == [6, 4]  # max(t_max, visits + fresh) - visits
 
 
@@ -229,7 +264,7 @@ def test_stops_at_end_of_answer_token():
     # candidates (1,) and EOS-like (0,) with the EOS set preferred and good
     env = FakeEnv(probs=(0.3, 0.7), value=lambda a: 1.0 if a and a[-1] == EOS else 0.0, budget=10)
     env._candidates = lambda length, n: [((1,) * length, 0.3), ((EOS,), 0.7)]
-    result = RainSearch(env, cfg(t_min=1)).run()
+    result = run(RainSearch(env, cfg(t_min=1)))
     assert result.tokens[-1] == EOS
     assert len(result.tokens) < 10
 
@@ -237,7 +272,7 @@ def test_stops_at_end_of_answer_token():
 def test_token_set_lengths_grow_with_depth():
     env = FakeEnv(probs=(1.0,), budget=20)
     s = RainSearch(env, cfg(token_set_lengths=(1, 2, 4), t_max=4))
-    s.run()
+    run(s)
     lengths = [c[2] for c in env.calls if c[0] == "expand"]
     assert lengths[:4] == [1, 2, 4, 4]
 
@@ -246,26 +281,26 @@ def test_terminal_leaf_is_evaluated_not_expanded():
     env = FakeEnv(probs=(1.0,), budget=1)
     s = RainSearch(env, cfg(token_set_lengths=(1,)))
     for _ in range(3):
-        s.iterate()
+        iterate(s)
     leaf = s.root.children[0]
     assert leaf.children == [] and leaf.visits == 2
     assert s.stats.terminal_evaluations == 2
 
 
 def test_deterministic_under_seed():
-    def run(seed):
+    def search(seed):
         env = FakeEnv(probs=(0.4, 0.3, 0.2, 0.1), value=lambda a: ((sum(a) * 7919) % 13) / 6.0 - 1.0,
                       budget=5, seed=seed)
-        r = RainSearch(env, cfg(t_max=8, token_set_lengths=(1,)), trace=True).run()
+        r = run(RainSearch(env, cfg(t_max=8, token_set_lengths=(1,)), trace=True))
         return r.tokens, r.stats.iterations_per_step, [st.tree for st in r.steps]
 
-    assert run(3) == run(3)
-    assert run(3) != run(4)
+    assert search(3) == search(3)
+    assert search(3) != search(4)
 
 
 def test_trace_records_every_node():
     env = FakeEnv(probs=(0.5, 0.5), budget=2)
-    r = RainSearch(env, cfg(t_max=3), trace=True).run()
+    r = run(RainSearch(env, cfg(t_max=3), trace=True))
     tree = r.steps[0].tree
     assert set(tree) >= {"tokens", "text", "visits", "value", "prior", "similarity_updates", "dynamic", "children"}
     assert len(tree["children"]) == 2 and tree["visits"] == 3
@@ -274,7 +309,7 @@ def test_trace_records_every_node():
 def test_budget_stop_commits_best_path_then_completes():
     env = FakeEnv(probs=(0.6, 0.4), value=lambda a: 0.0, budget=10)
     env.eval_budget, env.budget_total = 5, 10
-    r = RainSearch(env, cfg(token_set_lengths=(1,), t_max=50)).run()
+    r = run(RainSearch(env, cfg(token_set_lengths=(1,), t_max=50)))
     assert sum(c[0] == "value" for c in env.calls) == 5  # no iteration after the budget ran out
     assert r.stats.budget_stopped
     # the most visited path of the tree so far is committed, then plain decoding finishes the answer
@@ -285,15 +320,15 @@ def test_budget_stop_commits_best_path_then_completes():
 
 def test_no_budget_no_stop():
     env = FakeEnv(probs=(0.6, 0.4), value=lambda a: 0.0, budget=2)
-    r = RainSearch(env, cfg(t_max=4)).run()
+    r = run(RainSearch(env, cfg(t_max=4)))
     assert not r.stats.budget_stopped and r.stats.completed_tokens == 0
 
 
 def test_parallel_leaves_are_distinct_and_all_backed_up():
     env = FakeEnv(probs=(0.4, 0.3, 0.2, 0.1), value=lambda a: 0.0, budget=5)
     s = RainSearch(env, cfg(parallel_leaves=3, t_max=20))
-    assert s.iterate() == 1  # only the root exists: one leaf
-    assert s.iterate() == 3  # virtual loss spreads the round over three different children
+    assert iterate(s) == 1  # only the root exists: one leaf
+    assert iterate(s) == 3  # virtual loss spreads the round over three different children
     assert sorted(c.visits for c in s.root.children) == [0, 1, 1, 1]
     assert s.root.visits == 4 and all(c.pending == 0 for c in s.root.children)
     expands = [c for c in env.calls if c[0] == "expand"]
@@ -302,13 +337,13 @@ def test_parallel_leaves_are_distinct_and_all_backed_up():
 
 def test_parallel_round_never_overshoots_the_budget():
     env = FakeEnv(probs=(0.4, 0.3, 0.2, 0.1), value=lambda a: 0.0, budget=1)
-    r = RainSearch(env, cfg(parallel_leaves=4, t_max=6)).run()
+    r = run(RainSearch(env, cfg(parallel_leaves=4, t_max=6)))
     assert r.stats.iterations_per_step == [6] and r.stats.iterations == 6
 
 
 def test_parallel_search_runs_the_same_budget():
     env = FakeEnv(probs=(0.5, 0.3, 0.2), value=lambda a: ((sum(a) * 31) % 7) / 3.5 - 1.0, budget=4)
-    r = RainSearch(env, cfg(t_max=9, parallel_leaves=3, token_set_lengths=(1,))).run()
+    r = run(RainSearch(env, cfg(t_max=9, parallel_leaves=3, token_set_lengths=(1,))))
     assert len(r.tokens) == 4
     assert r.stats.iterations_per_step[0] == 9  # rounds of 3 fill the step's budget exactly
     assert r.stats.rewinds == r.stats.iterations == sum(r.stats.iterations_per_step)
@@ -324,36 +359,20 @@ def _summary(r):
     return r.tokens, r.stats.iterations_per_step, r.stats.similarity_updates, [st.tree for st in r.steps]
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_lockstep_equals_each_search_alone(batched):
-    """B searches in lockstep (answers of different lengths, finishing at different times) give
-    each search exactly the tree it gets alone, whether or not the requests are batched."""
-    from rain_llm.search.rain import run_lockstep
-
+def test_interleaved_searches_equal_each_search_alone():
+    """Searches share nothing: B of them stepped request by request in turn (answers of different
+    lengths, finishing at different times) each build exactly the tree they build alone."""
     cases = [(1, 3), (2, 6), (3, 1), (4, 4)]
-    alone = [_summary(_lockstep_case(seed, budget).run()) for seed, budget in cases]
+    alone = [_summary(run(_lockstep_case(seed, budget))) for seed, budget in cases]
     searches = [_lockstep_case(seed, budget) for seed, budget in cases]
-    calls = []
-
-    def expand_many(items):
-        calls.append(("expand", len(items)))
-        return [[env.expand(*job) for job in jobs] for env, jobs in items]
-
-    def value_many(items):
-        calls.append(("value", len(items)))
-        return [[env.value(a) for a in answers] for env, answers in items]
-
-    fns = (expand_many, value_many) if batched else (None, None)
-    together = [_summary(r) for r in run_lockstep(searches, *fns)]
-    assert together == alone
-    if batched:  # all four searches share the first calls; fewer once some have finished
-        assert calls[0] == ("expand", 4) and calls[1] == ("value", 4)
-        assert min(n for _, n in calls) < 4
-
-
-def test_lockstep_of_one_equals_run():
-    from rain_llm.search.rain import run_lockstep
-
-    a = _summary(_lockstep_case(5, 5).run())
-    b = _summary(run_lockstep([_lockstep_case(5, 5)])[0])
-    assert a == b
+    gens = {i: s.steps() for i, s in enumerate(searches)}
+    pending = {i: gen.send(None) for i, gen in gens.items()}
+    done = {}
+    while pending:
+        for i in list(pending):
+            try:
+                pending[i] = gens[i].send(reply(searches[i].env, pending[i]))
+            except StopIteration as stop:
+                done[i] = _summary(stop.value)
+                del pending[i]
+    assert [done[i] for i in range(len(cases))] == alone

@@ -19,7 +19,7 @@ def cfg(**kw):
 def test_callable_value_steers_away_from_greedy(rain):
     prompt = "Name a colour."
     greedy = rain.generate(prompt, cfg(method="vanilla"))
-    first = rain.engine.decode(greedy.token_ids[:1]).strip()
+    first = rain.codec.decode(greedy.token_ids[:1]).strip()
     seen = []
 
     def value(p: str, response: str) -> float:
@@ -33,17 +33,20 @@ def test_callable_value_steers_away_from_greedy(rain):
 
 def test_lexicon_values_and_bad_spec(rain):
     out = rain.generate("The film opened with", cfg(value="vader"))
-    assert out.token_ids and out.stats["iterations"] > 0
+    assert out.token_ids and out.stats.iterations > 0
     with pytest.raises(RainError, match="value"):
         load_config(value="magic")
 
 
 def test_judge_model_value_counts_its_compute(rain, default_model_dir):
     out = rain.generate("Say hello.", cfg(value=f"judge:{default_model_dir}"))
-    assert out.stats["compute"]["evaluate"]["tokens"] > 0
+    assert out.stats.compute.phases["evaluate"].tokens > 0
 
 
-def test_reward_model_value(rain, tmp_path, tokenizer):
+def reward_model(tokenizer, folder, sign: float):
+    """A tiny sequence-classification model whose score has the sign of `sign` for every text: its
+    layers add nothing (zero output projections), every token's embedding carries a constant
+    first feature, and the score head reads that feature."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -52,9 +55,29 @@ def test_reward_model_value(rain, tmp_path, tokenizer):
                                                        num_hidden_layers=1, num_attention_heads=2,
                                                        num_key_value_heads=1, num_labels=1,
                                                        pad_token_id=tokenizer.eos_token_id))
-    model.save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
-    out = rain.generate("Say hello.", cfg(value=f"reward:{tmp_path / 'rm'}"))
-    assert out.token_ids
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.score.weight.zero_()
+        model.score.weight[0, 0] = 10.0 * sign
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_reward_model_value_steers_the_search(rain, tmp_path, tokenizer):
+    """A reward model that rates every text good ends each step as soon as the best child passes
+    t_min visits with a value over the threshold; one that rates everything bad never does, so
+    every step runs its whole budget: the reward's values reach the search."""
+    good, bad = (reward_model(tokenizer, tmp_path / name, sign) for name, sign in (("good", 1.0), ("bad", -1.0)))
+    settings = {"max_new_tokens": 4, "t_max": 6, "t_min": 1, "fresh_iterations": 0, "value_threshold": 0.8}
+    steps = {}
+    for name, folder in (("good", good), ("bad", bad)):
+        out = rain.generate("Say hello.", load_config("fast", value=f"reward:{folder}", **settings))
+        steps[name] = out.stats.iterations_per_step
+    assert steps["bad"][0] == 6  # t_max
+    assert steps["good"][0] < 6  # stopped early: the best child is visited twice with a value near 1
     with pytest.raises(RainError, match="reward model"):
         rain.generate("Say hello.", cfg(value=f"reward:{tmp_path / 'missing'}"))

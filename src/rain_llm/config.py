@@ -64,7 +64,7 @@ class RainConfig:
     value_threshold: float = 0.8  # official Vt = 0.8
     fresh_iterations: int = 15  # official: range(initi, max(maxT, initi + 15))
     parallel_leaves: int = 1  # ours: leaves selected per round with virtual loss (1 = the paper's loop)
-    max_search_tokens: int = 0  # ours: budget per answer in tokens processed (0: none); then the best
+    max_search_tokens: int = 0  # ours: budget per answer in LM tokens processed (0: none); then the best
     max_search_seconds: float = 0.0  # path so far is committed and the answer finished plainly (0: none)
 
     # --- prompting and run

@@ -76,7 +76,8 @@ def run(rain, cases: dict[str, dict]) -> dict[str, list[dict]]:
         else:
             gens = rain.generate_many(case["prompts"], cfg, schedule="round" if case["how"] == "rounds" else "token")
         out[name] = [{"token_ids": g.token_ids, "text": g.text,
-                      "iterations_per_step": _stat(g, "iterations_per_step")} for g in gens]
+                      "iterations_per_step": _stat(g, "iterations_per_step") if g.method == "rain" else None}
+                     for g in gens]
         print(f"{name}: {[len(g.token_ids) for g in gens]}", file=sys.stderr)
     return out
 

@@ -29,10 +29,11 @@ import numpy as np
 
 from rain_llm.api import Generation, Rain
 from rain_llm.config import RainConfig
-from rain_llm.engine.base import Row
 from rain_llm.errors import RainError
 from rain_llm.evaluation.data import load_examples, select
 from rain_llm.evaluation.records import TASKS, Example, Record, read_records
+from rain_llm.runtime.accounting import Compute
+from rain_llm.runtime.backend import run_requests
 from rain_llm.values.templates import SelfEvaluator, value_from_probabilities
 
 METHODS = ("vanilla", "rain", "best-of-n")
@@ -107,9 +108,10 @@ class Judging:
     def _local_backend(rain: Rain, which: str) -> Any:
         from rain_llm.evaluation.judges import LocalJudgeBackend
 
-        judge = rain if which == "policy" else Rain.load(which, device=str(rain.engine.device))
+        judge = rain if which == "policy" else Rain.load(which, device=rain.device)
         name = f"{rain.name} (the evaluated model itself)" if which == "policy" else which
-        return LocalJudgeBackend(judge.engine, name=name)
+        # a cache scope of its own: judging never touches the cache of answers being searched
+        return LocalJudgeBackend(judge.backend.scope(), judge.codec, judge.tokenizer, name=name)
 
     def _lm_backend(self, settings: EvalSettings, rain: Rain) -> Any:
         if settings.judge_url:
@@ -177,37 +179,17 @@ def task_prompt(task: str, ex: Example) -> str:
     return SENTIMENT_INSTRUCTION + ex.prompt if task == "sentiment" else ex.prompt
 
 
-def best_of_n(rain: Rain, prompt: str, cfg: RainConfig, n: int) -> Generation:
-    """The paper's sample-evaluate baseline: n sampled answers, keep the one the value prefers."""
-    start = time.perf_counter()
-    fmt, context = rain.prepare(prompt, cfg)
-    engine = rain.engine
-    engine.counters.reset()
-    engine.seed(cfg.seed)
-    engine.reset()
-    with engine.counters.phase("generate"):
-        rows = engine.decode_rows(context, [Row(cfg.max_new_tokens, cfg.temperature, cfg.top_k) for _ in range(n)])
-    evaluator = rain.value_source(cfg).bind(prompt)
-    counters = getattr(evaluator, "engine", engine).counters
-    values = []
-    for r in rows:
-        with counters.phase("evaluate"):
-            values.append(evaluator.value(fmt.clean(engine.decode(r.tokens))))
-    best = int(np.argmax(values))
-    tokens = rows[best].tokens
-    stats = {"samples": n, "values": values, "answer_tokens": len(tokens),
-             "seconds": round(time.perf_counter() - start, 3), "compute": engine.counters.to_dict()}
-    return Generation(fmt.clean(engine.decode(tokens)), tokens, "best-of-n", stats, cfg.to_dict())
-
-
-def selfeval_record(rain: Rain, ex: Example, cfg: RainConfig) -> tuple[dict[str, float | None], dict[str, Any]]:
-    """Pairwise accuracy of the self-evaluator on a chosen/rejected pair, in each option order."""
+def selfeval_record(rain: Rain, ex: Example, cfg: RainConfig,
+                    compute: Compute) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Pairwise accuracy of the self-evaluator on a chosen/rejected pair, in each option order (both
+    answers scored in one batch; `compute` is charged the work)."""
     evaluator = rain.value_source(cfg).bind(ex.prompt)
     if not isinstance(evaluator, SelfEvaluator):
         raise RainError("selfeval measures the model's self-evaluation: use --value self")
-    evaluator.engine.retain([evaluator.constant_ids()], exact=True)  # bounded memory: only the template stays cached
-    pc = evaluator.probabilities(ex.meta["chosen"])
-    pr = evaluator.probabilities(ex.meta["rejected"])
+    # bounded memory: of all pairs, only the template's constant part stays cached
+    evaluator.backend.retain("selfeval", [evaluator.constant_ids()], exact=True)
+    pc, pr = run_requests(evaluator.backend, [evaluator.request(ex.meta["chosen"], "selfeval"),
+                                              evaluator.request(ex.meta["rejected"], "selfeval")], compute)
 
     def good(p: np.ndarray, order: int) -> float:  # probability of the good option, normalised over the two
         g, b = (p[0, 0], p[0, 1]) if order == 0 else (p[1, 1], p[1, 0])
@@ -279,14 +261,14 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
         meta = dict(ex.meta)
         method_config: dict[str, Any] = {}
         if task == "selfeval":
-            rain.engine.counters.reset()  # this pair's work only
-            scores, idents = selfeval_record(rain, ex, cfg)
+            compute = Compute()  # this pair's work only
+            scores, idents = selfeval_record(rain, ex, cfg, compute)
             meta |= scores.pop("_meta")  # type: ignore[arg-type]
-            response, gen_stats = "", {"answer_tokens": 0, "compute": rain.engine.counters.to_dict()}
+            response, gen_stats = "", {"answer_tokens": 0, "compute": compute.to_dict()}
         else:
             if batched is not None:
                 gen = batched
-                method_config["batch"] = gen.stats.get("batch", 1)
+                method_config["batch"] = gen.stats.batch
             elif method == "vanilla":
                 gen = rain.generate(prompt, cfg, method="vanilla")
             elif method == "rain":
@@ -295,10 +277,10 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
                 n = match_samples(spent["rain"].get(str(ex.id)), spent["vanilla"].get(str(ex.id))) \
                     if settings.best_of_n == "match" else int(settings.best_of_n)
                 method_config["samples"] = n
-                gen = best_of_n(rain, prompt, cfg, n)
+                gen = rain.generate(prompt, cfg, best_of_n=n)
             if method in spent:
-                spent[method][str(ex.id)] = gen.stats["compute"].get("total", {}).get("tokens", 0)
-            response, gen_stats = gen.text, gen.stats
+                spent[method][str(ex.id)] = gen.stats.compute.total().tokens
+            response, gen_stats = gen.text, gen.stats.to_dict()
             assert judging is not None
             scores, idents = judging.score(ex, response)
             answers.setdefault(str(ex.id), {})[method] = response
@@ -308,7 +290,7 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
                 scores |= won
                 idents |= won_ids
         # a batched answer's time: its share of the batch's wall time, plus its own judging
-        seconds = time.perf_counter() - start + (batched.stats["seconds_shared"] if batched is not None else 0.0)
+        seconds = time.perf_counter() - start + (batched.stats.seconds_shared if batched is not None else 0.0)
         if method != "vanilla":
             method_config["config"] = cfg.to_dict()
         record = Record(task=task, id=str(ex.id), method=method, prompt=prompt, response=response,

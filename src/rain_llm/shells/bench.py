@@ -26,6 +26,7 @@ import torch
 from rain_llm.api import Rain
 from rain_llm.config import RainConfig
 from rain_llm.evaluation.data import default_data_dir
+from rain_llm.runtime.accounting import Compute
 
 FALLBACK_PROMPTS = ["How do I pick a lock?", "What is the best way to learn a new language?",
                     "Write a short poem about the sea.", "How can I get back at my noisy neighbour?"]
@@ -72,7 +73,7 @@ def random_rain(shape: str, device: str, tokenizer: str | Path | None = None,
         torch.set_default_dtype(previous)
     rain = Rain(model, tok, embedder=MiniLMEmbedder(bert, AutoTokenizer.from_pretrained(minilm)),
                 name=f"random-{shape}")
-    rain.engine.stop_ids = frozenset()  # random weights: decode the whole budget every time
+    rain.codec.stop_ids = frozenset()  # random weights: decode the whole budget every time
     return rain
 
 
@@ -102,7 +103,7 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
             (out,) = rain.generate_many([prompt], cfg, **kw)
             _sync()
             seconds = time.perf_counter() - start
-            compute = out.stats["compute"]
+            compute = out.stats.compute.to_dict()
             runs[name].append(_record([prompt], [out], seconds, compute, [final_value(rain, cfg, prompt, out.text)]))
             print(f"[{name}] prompt {i + 1} of {len(prompts)}: {len(out.token_ids):4d} tokens "
                   f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
@@ -112,21 +113,8 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
 def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
                    schedule: str = "token") -> dict[str, Any]:
     """All prompts through one continuous batch, `batch` in flight; one record for the whole run
-    (compute: all the work of the model and the embedder, each step's counted once)."""
-    from rain_llm.engine.base import Counters
-
-    rain.engine.reset()  # from an empty cache: nothing left over from the warm-up's prompts
+    (compute: the answers' work merged, each forward pass counted once)."""
     cb = rain.continuous_batch(schedule)
-    counters = [rain.engine.counters] + ([rain.embedder.counters] if cfg.method == "rain" else [])
-    whole = Counters()
-
-    def collect() -> None:
-        for c in counters:
-            whole.merge(c)
-            c.reset()
-
-    collect()
-    whole.reset()
     queue, outs = list(enumerate(prompts)), {}
     _sync()
     start = time.perf_counter()
@@ -135,13 +123,12 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
         if joining:
             cb.add_many([(key, prompt, cfg) for key, prompt in joining])
             del queue[:len(joining)]
-        collect()  # the work of adding (prompts encoded), before the step resets the counters
         outs.update(cb.step())
-        collect()
     _sync()
     seconds = time.perf_counter() - start
     answers = [outs[i] for i in range(len(prompts))]
     values = [final_value(rain, cfg, p, o.text) for p, o in zip(prompts, answers)]
+    whole = Compute.merged(o.stats.compute for o in answers)
     return _record(prompts, answers, seconds, whole.to_dict(), values)
 
 
@@ -149,11 +136,11 @@ def _record(prompts: list[str], outs: list[Any], seconds: float, compute: dict[s
             values: list[float | None]) -> dict[str, Any]:
     """One bench record: `compute` is all the work of the run; least work is each answer's, summed."""
     embed_tokens = compute.get("embed", {}).get("tokens", 0)
-    least = sum(o.stats["compute"].get("least_work", {}).get("tokens", 0) for o in outs)
+    least = sum(o.stats.compute.least_work for o in outs)
     return {"prompts": prompts, "answer_tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
             "forward_passes": compute["total"]["forward_passes"], "tokens": compute["total"]["tokens"],
             "lm_tokens": compute["total"]["tokens"] - embed_tokens, "least_work": least,
-            "iterations_per_step": [x for o in outs for x in o.stats.get("iterations_per_step", [])],
+            "iterations_per_step": [x for o in outs for x in o.stats.iterations_per_step],
             "compute": compute, "texts": [o.text for o in outs], "final_values": values}
 
 

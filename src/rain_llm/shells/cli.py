@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     srv.add_argument("--served-name", default=None, help="the model name clients send (default: --model, or "
                      "'default')")
-    srv.add_argument("--max-batch", type=int, default=16, help="most requests answered at once, in lockstep")
+    srv.add_argument("--max-batch", type=int, default=16,
+                     help="most requests answered at once, in one continuous batch (default 16)")
     srv.add_argument("--batch-window", type=float, default=0.05, metavar="SECONDS",
                      help="how long the first queued request waits for others to join its batch")
     srv.add_argument("--preset", default=None, help=f"named settings: {', '.join(PRESETS)}")
@@ -206,17 +207,18 @@ def run_generate(args: argparse.Namespace) -> int:
         out = rain.generate(args.prompt, cfg, trace=bool(args.trace), progress=progress)
     finally:
         progress.close()
+    stats = out.stats.to_dict()
     if args.trace:
         _write_atomic(args.trace, {"prompt": args.prompt, "model": rain.name, "config": out.config,
-                                   "text": out.text, "token_ids": out.token_ids, "stats": out.stats,
+                                   "text": out.text, "token_ids": out.token_ids, "stats": stats,
                                    "steps": out.trace or []})
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "method": out.method, "model": rain.name,
-                          "stats": out.stats, "config": out.config}))
+                          "stats": stats, "config": out.config}))
     else:
         print(out.text)
     if not args.quiet:
-        print(summary(out.stats, out.method), file=sys.stderr)
+        print(summary(stats, out.method), file=sys.stderr)
     return 0
 
 
@@ -307,7 +309,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     server = RainServer(rain, cfg, host=args.host, port=args.port, model_name=args.served_name,
                         max_batch=args.max_batch, batch_window=args.batch_window)
     print(f"rain: serving {server.model_name!r} at {server.url} (POST /chat/completions; up to {args.max_batch} "
-          "requests in lockstep; Ctrl-C stops)", file=sys.stderr, flush=True)
+          "requests at once; Ctrl-C stops)", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0
 

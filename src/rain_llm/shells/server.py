@@ -192,14 +192,13 @@ class BatchingWorker(threading.Thread):
                 for job in self.in_flight:
                     job.fail(RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
                 self.in_flight.clear()
-                self.rain.engine.reset()
                 batch = self.rain.continuous_batch()
                 continue
             for job, out in finished.items():
                 self.in_flight.discard(job)
                 job.result = out
                 print(f"rain: answered a request ({out.method}, {len(out.token_ids)} tokens, "
-                      f"{out.stats['seconds']:.2f} s, alongside up to {out.stats.get('batch', 1) - 1} others)",
+                      f"{out.stats.seconds:.2f} s, alongside up to {out.stats.batch - 1} others)",
                       file=self.log, flush=True)
                 job.send(out.text)
                 job.events.put(("end", None))
@@ -258,7 +257,7 @@ class BatchingWorker(threading.Thread):
 def chat_response(job: Job, model_name: str, stop_ids: frozenset[int]) -> dict[str, Any]:
     """An OpenAI chat.completion object for a finished job; RAIN's figures under the extra key 'rain'."""
     out = job.result
-    prompt_tokens = out.stats["prompt_tokens"]
+    prompt_tokens = out.stats.prompt_tokens
     return {
         "id": job.id,
         "object": "chat.completion",
@@ -269,7 +268,7 @@ def chat_response(job: Job, model_name: str, stop_ids: frozenset[int]) -> dict[s
                      "logprobs": None}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(out.token_ids),
                   "total_tokens": prompt_tokens + len(out.token_ids)},
-        "rain": {"method": out.method, "stats": out.stats},
+        "rain": {"method": out.method, "stats": out.stats.to_dict()},
     }
 
 
@@ -398,7 +397,7 @@ def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
             if job.stream:
                 self._stream(job)
             else:
-                self._json(200, chat_response(job, server.model_name, server.rain.engine.stop_ids))
+                self._json(200, chat_response(job, server.model_name, server.rain.codec.stop_ids))
 
         def _body(self) -> Any:
             try:
@@ -465,7 +464,7 @@ def _handler(server: RainServer) -> type[BaseHTTPRequestHandler]:
                 if kind == "delta":
                     event(chunk(job, server.model_name, {"content": text}))
                 elif kind == "end":
-                    whole = chat_response(job, server.model_name, server.rain.engine.stop_ids)
+                    whole = chat_response(job, server.model_name, server.rain.codec.stop_ids)
                     event(chunk(job, server.model_name, {}, whole["choices"][0]["finish_reason"],
                                 usage=whole["usage"], rain=whole["rain"]))
                     break

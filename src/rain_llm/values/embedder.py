@@ -7,15 +7,20 @@ weights, so nothing is fetched at run time. Same outputs as sentence-transformer
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+import itertools
+import time
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rain_llm.engine.base import Counters
 from rain_llm.errors import RainError
+from rain_llm.runtime.accounting import Receipt
+from rain_llm.runtime.backend import EMBED, Completion, Embed, ModelRequest
+
+_EMBEDDER_IDS = itertools.count(1_000_000)  # forward names apart from the language models'
 
 
 def minilm_path() -> Path:
@@ -29,15 +34,13 @@ def minilm_path() -> Path:
 
 
 class MiniLMEmbedder:
-    """Batch sentence embedder; counts its forward passes like the engine does."""
+    """Batch sentence embedder."""
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int = 256):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_length = max_length
-        self.counters = Counters()
-        self.counters.current = "embed"
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> MiniLMEmbedder:
@@ -47,14 +50,74 @@ class MiniLMEmbedder:
         path = Path(path) if path is not None else minilm_path()
         return cls(AutoModel.from_pretrained(path).to(device), AutoTokenizer.from_pretrained(path))
 
-    @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embed_counted(texts)[0]
+
+    @torch.inference_mode()
+    def embed_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        """Unit-norm embeddings (rows), and the padded width of the batch (its tokens per row)."""
         if not texts:
-            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32), 0
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         hidden = self.model(**batch).last_hidden_state
-        self.counters.add(*batch["input_ids"].shape)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy(), batch["input_ids"].shape[1]
+
+
+class EmbedderBackend:
+    """The sentence embedder behind the backend interface: every queued `Embed` request of a round
+    in one padded batch; each request is charged its rows of it."""
+
+    def __init__(self, embedder: MiniLMEmbedder, name: str = "all-MiniLM-L6-v2"):
+        self.embedder = embedder
+        self.name = name
+        self.uid = next(_EMBEDDER_IDS)
+        self.forwards = 0
+        self.context_window = embedder.max_length
+        self.queued: list[tuple[Embed, Receipt]] = []
+
+    def submit(self, requests: Sequence[ModelRequest]) -> None:
+        for request in requests:
+            if not isinstance(request, Embed):
+                raise TypeError(f"{type(request).__name__} is not a request for a sentence embedder")
+            self.queued.append((request, Receipt(request.phase, self.name)))
+
+    def run(self, kind: str, *, whole: bool = False) -> list[Completion]:
+        if kind != EMBED or not self.queued:
+            return []
+        start = time.perf_counter()
+        queued, self.queued = self.queued, []
+        texts = [text for request, _ in queued for text in request.texts]
+        vectors, width = self.embedder.embed_counted(texts)
+        if texts:
+            self.forwards += 1
+        seconds = time.perf_counter() - start
+        done, row = [], 0
+        for request, receipt in queued:
+            if request.texts:
+                receipt.add((self.uid, self.forwards), len(request.texts) * width)
+            receipt.seconds += seconds / len(queued)
+            done.append(Completion(request, vectors[row:row + len(request.texts)], receipt))
+            row += len(request.texts)
+        return done
+
+    def busy(self) -> bool:
+        return bool(self.queued)
+
+    def wait(self, timeout: float) -> None:
+        """Work happens in `run`."""
+
+    def cancel(self, owner: Hashable) -> None:
+        self.queued = [(r, receipt) for r, receipt in self.queued if r.owner != owner]
+
+    def retain(self, owner: Hashable, prefixes: Sequence[Sequence[int]], *, exact: bool = False,
+               prune: bool = True) -> None:
+        """No cache to keep."""
+
+    def release(self, owner: Hashable) -> None:
+        """No cache to keep."""
+
+    def scope(self) -> EmbedderBackend:
+        return self

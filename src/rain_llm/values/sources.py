@@ -6,9 +6,10 @@
 - "vader" / "afinn": lexicon sentiment scorers (a signal small models cannot give themselves);
 - any Python callable `fn(prompt, response) -> float` through the API.
 
-A value source is bound to one prompt (`bind(prompt)`) and returns an evaluator with
-`value(response) -> float` and `retain(response) -> list of token-id prefixes`: what its
-model's engine (`evaluator.engine`, None for non-model values) should keep cached.
+A value source is bound to one prompt (`bind(prompt)`) and returns an evaluator. A model's
+evaluator (`SelfEvaluator`) has a `backend` that judges and builds the requests the runtime sends
+it (`request(response)`, read back by `value_from`), and names what that backend should keep
+cached (`retain(response)`); any other evaluator has `value(response) -> float`, computed at once.
 """
 
 from __future__ import annotations
@@ -18,32 +19,33 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from rain_llm.errors import RainError
+from rain_llm.runtime.backend import Backend
+from rain_llm.runtime.text import Codec
 from rain_llm.values.templates import SelfEvaluator, Template
 
 
 class Evaluator(Protocol):
     def value(self, response: str) -> float: ...
 
-    def retain(self, response: str) -> list[list[int]]: ...
-
 
 class ValueSource(Protocol):
     name: str
 
-    def bind(self, prompt: str) -> Evaluator: ...
+    def bind(self, prompt: str) -> Evaluator | SelfEvaluator: ...
 
 
 class SelfEvaluation:
-    """The paper's value: a model judges the answer with a multiple-choice template."""
+    """The paper's value: a model (the policy itself, or a judge) judges the answer with a
+    multiple-choice template."""
 
-    def __init__(self, engine: Any, template: Template, *, chat: bool, mode: str, chat_template: Any = None,
-                 name: str = "self"):
-        self.engine, self.template, self.chat, self.mode = engine, template, chat, mode
+    def __init__(self, backend: Backend, codec: Codec, template: Template, *, chat: bool, mode: str,
+                 chat_template: Any = None, name: str = "self"):
+        self.backend, self.codec, self.template, self.chat, self.mode = backend, codec, template, chat, mode
         self.chat_template = chat_template
         self.name = name
 
     def bind(self, prompt: str) -> SelfEvaluator:
-        return SelfEvaluator(self.engine, self.template, prompt, chat=self.chat, mode=self.mode,
+        return SelfEvaluator(self.backend, self.codec, self.template, prompt, chat=self.chat, mode=self.mode,
                              chat_template=self.chat_template)
 
 
@@ -58,9 +60,6 @@ class _Fixed:
         if not math.isfinite(v):
             raise RainError(f"value function returned {v}")
         return max(-1.0, min(1.0, v))
-
-    def retain(self, response: str) -> list[list[int]]:
-        return []
 
 
 class CallableValue:
@@ -121,23 +120,25 @@ class RewardModelValue:
         return _Fixed(score)
 
 
-def build_value_source(spec: str | Callable[[str, str], float], *, policy: Any, template: Template,
-                       chat: bool, mode: str, chat_template: Any, device: str = "cpu") -> ValueSource:
-    """Turn a config string (`RainConfig.value`) or a callable into a value source."""
+def build_value_source(spec: str | Callable[[str, str], float], *, backend: Backend, codec: Codec,
+                       template: Template, chat: bool, mode: str, chat_template: Any, device: str = "cpu",
+                       load_judge: Callable[[str], Any] | None = None) -> ValueSource:
+    """Turn a config string (`RainConfig.value`) or a callable into a value source. `backend` and
+    `codec`: the policy model's ("self"); `load_judge(name)` loads another model ("judge:NAME")
+    and returns an object with its `backend` (a cache scope of its own), `codec` and `tokenizer`."""
     if callable(spec):
         return CallableValue(spec)
     if spec == "self":
-        return SelfEvaluation(policy.engine, template, chat=chat, mode=mode, chat_template=chat_template)
+        return SelfEvaluation(backend, codec, template, chat=chat, mode=mode, chat_template=chat_template)
     if spec in ("vader", "afinn"):
         return LexiconSentiment(spec)
     if spec.startswith("reward:"):
         return RewardModelValue(spec.split(":", 1)[1], device=device)
-    if spec.startswith("judge:"):
-        from rain_llm.api import Rain
+    if spec.startswith("judge:") and load_judge is not None:
         from rain_llm.runtime.prompts import chat_wrapper, has_chat_template
 
-        judge = Rain.load(spec.split(":", 1)[1], device=device)
+        judge = load_judge(spec.split(":", 1)[1])
         judge_chat = has_chat_template(judge.tokenizer) and chat
-        return SelfEvaluation(judge.engine, template, chat=judge_chat, mode=mode,
+        return SelfEvaluation(judge.backend, judge.codec, template, chat=judge_chat, mode=mode,
                               chat_template=chat_wrapper(judge.tokenizer) if judge_chat else None, name=spec)
     raise RainError(f"unknown value source {spec!r} (self, judge:MODEL, reward:MODEL, vader, afinn)")

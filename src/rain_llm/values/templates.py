@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from rain_llm.engine.base import Engine
 from rain_llm.errors import RainError
+from rain_llm.runtime.backend import Backend, Score, run_requests
+from rain_llm.runtime.text import Codec
 
 BUILTIN_TEMPLATES = ("harmlessness", "truthfulness", "sentiment")
 PLACEHOLDERS = ("{prompt}", "{response}", "{option_a}", "{option_b}")
@@ -73,15 +74,15 @@ def load_template(name_or_path: str) -> Template:
                     letters=(str(letters[0]), str(letters[1])))
 
 
-def option_token_ids(engine: Engine, answer_prefix: str, letters: tuple[str, str]) -> tuple[int, int]:
+def option_token_ids(codec: Codec, answer_prefix: str, letters: tuple[str, str]) -> tuple[int, int]:
     """The token each option letter becomes right after `answer_prefix`, from the tokenizer."""
-    base = engine.encode(answer_prefix)
+    base = codec.encode(answer_prefix)
     ids = []
     for letter in letters:
-        full = engine.encode(answer_prefix + letter)
+        full = codec.encode(answer_prefix + letter)
         extra = full[len(base):] if full[:len(base)] == base else []
         if len(extra) != 1:  # the letter merged with the prefix or split: fall back to the bare letter
-            extra = engine.encode(letter)[-1:]
+            extra = codec.encode(letter)[-1:]
         ids.append(extra[0])
     if ids[0] == ids[1]:
         raise RainError(f"option letters {letters} map to the same token")
@@ -89,11 +90,13 @@ def option_token_ids(engine: Engine, answer_prefix: str, letters: tuple[str, str
 
 
 class SelfEvaluator:
-    """Scores answers to one prompt with one template, reusing the constant prompt prefix."""
+    """Scores answers to one prompt with one template: builds the evaluation requests (`request`)
+    that `backend`, the model that judges, answers; its constant prompt prefix stays cached."""
 
-    def __init__(self, engine: Engine, template: Template, prompt: str, *, chat: bool,
+    def __init__(self, backend: Backend, codec: Codec, template: Template, prompt: str, *, chat: bool,
                  mode: str = "vote", chat_template: Any = None):
-        self.engine = engine
+        self.backend = backend
+        self.codec = codec
         self.template = template
         self.mode = mode
         before, after = template.split()
@@ -116,23 +119,24 @@ class SelfEvaluator:
             self.before = before
             self.afters = [a + "\n" + template.answer_prefix for a in afters]
             self.special = True
-        self.suffix_ids = [engine.encode(a) for a in self.afters]
-        self.option_ids = option_token_ids(engine, template.answer_prefix, template.letters)
+        self.suffix_ids = [codec.encode(a) for a in self.afters]
+        self.option_ids = option_token_ids(codec, template.answer_prefix, template.letters)
 
     def prefix_ids(self, response: str) -> list[int]:
         """Token ids of the evaluation prompt up to the end of `response`."""
-        return self.engine.encode(self.before + response.strip(), special=self.special)
+        return self.codec.encode(self.before + response.strip(), special=self.special)
+
+    def request(self, response: str, owner: Any = None) -> Score:
+        """The scoring request for `response`: both option orders after its evaluation prompt."""
+        return Score(owner, "evaluate", self.prefix_ids(response), self.suffix_ids, self.option_ids)
 
     def probabilities(self, response: str) -> np.ndarray:
-        """[[p(A), p(B)] with the good option as (A), [p(A), p(B)] with the good option as (B)]."""
-        return self.engine.score_options(self.prefix_ids(response), self.suffix_ids, self.option_ids)
+        """[[p(A), p(B)] with the good option as (A), [p(A), p(B)] with the good option as (B)],
+        scored at once (outside a search: checks of the evaluator itself)."""
+        return run_requests(self.backend, [self.request(response, owner=self)])[0]
 
     def value(self, response: str) -> float:
         return self.value_from(self.probabilities(response))
-
-    def request(self, response: str) -> tuple[list[int], list[list[int]], tuple[int, int]]:
-        """What `engine.score_many` needs to score `response` (batched with other answers)."""
-        return self.prefix_ids(response), self.suffix_ids, self.option_ids
 
     def value_from(self, p: np.ndarray) -> float:
         return value_from_probabilities(p, self.mode)
@@ -144,7 +148,7 @@ class SelfEvaluator:
     def constant_ids(self) -> list[int]:
         """The part of the evaluation prompt that no prompt or answer changes: instructions and
         examples, kept cached from one prompt to the next."""
-        return self.engine.encode(self.head, special=self.special)[:-1]
+        return self.codec.encode(self.head, special=self.special)[:-1]
 
 
 def value_from_probabilities(p: np.ndarray, mode: str) -> float:

@@ -1,0 +1,340 @@
+"""Token-level continuous batching on the transformers engine: rows join and leave between forwards.
+
+Each `step` samples one token for every row that has logits, then runs one forward for all rows
+still going; a row that stops leaves at once (its KV goes to the prefix tree) and a request
+returns as soon as its own rows are done, not when the longest row of the batch is. So searches
+sharing an engine need not wait for each other's longest rollout: the number of sequential
+forward passes, what a GPU pays for, stays close to that of the busiest search.
+
+Layout: one left-padded buffer, every slot's last token at the same column; it is rebuilt (one
+index_select per layer for the slots that go on, one copy per joining context) when rows join,
+leave or branch, and trimmed to the longest live slot then. Rows holding the same tokens share a
+slot, also across requests that join with the same context (a leaf's candidates and its rollout).
+A joining context whose last token alone is uncached (a leaf whose token set was just sampled)
+feeds that token in the step's forward instead of a forward of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from rain_llm.engine.hf.cache import KV, BufferLayer, cache_kv, concat
+from rain_llm.errors import RainError
+from rain_llm.runtime.accounting import Receipt
+from rain_llm.runtime.backend import Row, Sample, TextStop
+
+if TYPE_CHECKING:
+    from rain_llm.engine.hf.engine import HFEngine
+
+
+class _Context:
+    """A context that requests join with in one step (they share its KV copy and its tail slot)."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+        self.segments: list[KV] = []  # its cached KV chunks (batch 1), while joining
+        self.tail: int | None = None  # its last token, when only it is uncached
+
+
+class _Request:
+    """Rows of one `DecodeStream.join`: their tokens so far and what they sample with."""
+
+    def __init__(self, key: Hashable, context: list[int], rows: Sequence[Row], u: np.ndarray, receipt: Receipt,
+                 want_logits: bool):
+        self.key, self.context, self.rows, self.u, self.receipt = key, context, list(rows), u, receipt
+        self.tokens: list[list[int]] = [[] for _ in self.rows]
+        self.logprob = [0.0] * len(self.rows)
+        self.left = len(self.rows)  # rows not done yet
+        self.ctx: _Context | None = None
+        self.want_logits = want_logits
+        self.first_logits: torch.Tensor | None = None  # the logits after the context (if wanted)
+
+    def samples(self) -> list[Sample]:
+        return [Sample(t, lp) for t, lp in zip(self.tokens, self.logprob)]
+
+
+class _LiveRow:
+    """A row decoding now: its batch slot and the logits after its last fed token."""
+
+    __slots__ = ("request", "r", "slot", "logits")
+
+    def __init__(self, request: _Request, r: int, slot: int, logits: torch.Tensor | None):
+        self.request, self.r, self.slot, self.logits = request, r, slot, logits
+
+
+class DecodeStream:
+    """Rows that decode side by side and join or leave between forward passes (module docstring)."""
+
+    def __init__(self, engine: HFEngine):
+        self.engine = engine
+        self.cache: DynamicCache | None = None
+        self.pads: list[int] = []  # per slot: left padding
+        self.live: list[_LiveRow] = []
+        self.joining: list[_Request] = []
+        self.requests: dict[Hashable, _Request] = {}
+        self._slot_receipt: list[Receipt] = []  # whose work each slot is
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def join(self, key: Hashable, context: Sequence[int], rows: Sequence[Row], uniforms: np.ndarray | None,
+             receipt: Receipt, *, want_logits: bool = False) -> None:
+        """Start decoding `rows` after `context` at the next step (`uniforms[r, step]`: row r's
+        inverse-CDF draws; None draws them from the engine's generator); the work is charged to
+        `receipt`. `want_logits` keeps the logits after the context (`_Request.first_logits`)."""
+        if not context:
+            raise RainError("empty context: nothing to condition on")
+        if key in self.requests:
+            raise ValueError(f"request {key!r} is already decoding")
+        width = max(r.max_tokens for r in rows)
+        if uniforms is None:
+            u = torch.rand(len(rows), width, generator=self.engine.generator, dtype=torch.float64).numpy()
+        else:
+            u = np.full((len(rows), width), 0.5)
+            block = np.asarray(uniforms, dtype=np.float64).reshape(len(rows), -1)[:, :width]
+            u[:, :block.shape[1]] = block
+        request = _Request(key, list(context), rows, u, receipt, want_logits)
+        self.requests[key] = request
+        self.joining.append(request)
+
+    def cancel(self, key: Hashable) -> None:
+        """Stop a request's rows (its slots go at the next step)."""
+        request = self.requests.pop(key, None)
+        if request is not None:
+            self.joining = [r for r in self.joining if r is not request]
+            self.live = [row for row in self.live if row.request is not request]
+
+    def receipts(self) -> list[Receipt]:
+        return [request.receipt for request in self.requests.values()]
+
+    @torch.inference_mode()
+    def step(self) -> dict[Hashable, _Request]:
+        """Admit joining requests, sample one token per row, run one forward; the requests done."""
+        ready = self._admit()
+        picking = self.live + ready
+        finished: dict[Hashable, _Request] = {}
+        going: list[_LiveRow] = []
+        leaving: dict[int, tuple[_Request, list[tuple[list[int], int, torch.Tensor]]]] = {}
+        if picking:
+            chosen = self._pick(picking)
+            stops = self.engine.stop_ids
+            for row, (token, lp) in zip(picking, chosen):
+                request, r = row.request, row.r
+                tokens = request.tokens[r]
+                if request.want_logits and request.first_logits is None:
+                    request.first_logits = row.logits
+                tokens.append(token)
+                request.logprob[r] += lp
+                spec = request.rows[r]
+                if (token in stops or len(tokens) >= spec.max_tokens
+                        or (spec.stop is not None and self._text_stops(spec.stop, tokens))):
+                    request.left -= 1
+                    if row.slot >= 0:  # fed tokens are in the buffer: keep them in the prefix tree
+                        leaving.setdefault(id(request), (request, []))[1].append((tokens[:-1], row.slot, row.logits))
+                    if request.left == 0:
+                        finished[request.key] = request
+                else:
+                    going.append(row)
+        for request, rows in leaving.values():
+            self._store(request, rows)
+        for key in finished:
+            del self.requests[key]
+        joining, self.joining = self.joining, []
+        self._advance(going, joining)
+        return finished
+
+    def _text_stops(self, stop: TextStop, tokens: list[int]) -> bool:
+        text = self.engine.decode(list(stop.lookbehind) + tokens)
+        return (bool(text) and text[-1] in stop.chars) or any(marker in text for marker in stop.markers)
+
+    def _admit(self) -> list[_LiveRow]:
+        """Find each joining context's KV (requests with the same context share it); the rows of
+        those fully cached (logits known) pick now, the others feed their last token in this
+        step's forward. Rows of one context are kept together (their slots are copied at once)."""
+        engine, ready = self.engine, []
+        if not self.joining:
+            return ready
+        groups: dict[tuple[int, ...], list[_Request]] = {}
+        for request in self.joining:
+            groups.setdefault(tuple(request.context), []).append(request)
+        for requests in groups.values():
+            ctx = _Context(requests[0].context)
+            for request in requests:
+                request.ctx = ctx
+        if engine.reuse_cache:
+            long = [rs[0] for rs in groups.values()
+                    if not 0 < engine.prefix_cache.lookup(rs[0].context)[2] >= len(rs[0].context) - 1]
+            if long:  # more than the last token uncached: one batched forward for those
+                engine.encode_many([r.context for r in long], [r.receipt for r in long])
+            for requests in groups.values():
+                ctx = requests[0].ctx
+                path, _, pos, logits = engine.prefix_cache.lookup(ctx.tokens)
+                ctx.segments = [c.kv for c in path if c.kv is not None]  # captured now: later lookups split
+                if logits is None:
+                    ctx.tail = ctx.tokens[-1]
+                else:
+                    ready += _rows(requests, logits)
+        else:
+            for requests in groups.values():
+                ctx = requests[0].ctx
+                cache, logits = engine.prefill(ctx.tokens, requests[0].receipt)
+                ctx.segments = [cache_kv(cache, 0, len(ctx.tokens))]
+                ready += _rows(requests, logits)
+        return ready
+
+    def _pick(self, rows: list[_LiveRow]) -> list[tuple[int, float]]:
+        """One token per row by its own rule and uniform (rows grouped by rule, one call each)."""
+        logits = torch.stack([row.logits for row in rows])
+        u = torch.from_numpy(np.array([row.request.u[row.r, len(row.request.tokens[row.r])] for row in rows]))
+        greedy = torch.tensor([row.request.rows[row.r].greedy for row in rows])
+        by_rule: dict[tuple[float, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            spec = row.request.rows[row.r]
+            by_rule.setdefault((spec.temperature, spec.top_k), []).append(i)
+        if len(by_rule) == 1:
+            ((temperature, top_k),) = by_rule
+            tokens, logprob = sample(logits, temperature, top_k, u, greedy)
+        else:
+            tokens = torch.zeros(len(rows), dtype=torch.long)
+            logprob = torch.zeros(len(rows), dtype=torch.float64)
+            for (temperature, top_k), idx in by_rule.items():
+                index = torch.tensor(idx)
+                tokens[index], logprob[index] = sample(logits[index.to(logits.device)], temperature, top_k,
+                                                       u[index], greedy[index])
+        return list(zip(tokens.tolist(), logprob.tolist()))
+
+    def _store(self, request: _Request, rows: list[tuple[list[int], int, torch.Tensor]]) -> None:
+        """Rows of one request leaving together fed as many tokens: they end at the buffer's last column."""
+        engine = self.engine
+        if not engine.reuse_cache or self.cache is None:
+            return
+        _, node, pos, _ = engine.prefix_cache.lookup(request.context)
+        if pos == len(request.context):
+            fed = len(rows[0][0])
+            engine.store(node, rows, self.cache, self.cache.layers[0].length - fed)
+
+    def _advance(self, going: list[_LiveRow], joining: list[_Request]) -> None:
+        """New slots for the rows that go on (rows with the same parent slot, or the same joining
+        context, and the same token share one) and for joining contexts that feed their last
+        token; one forward over them."""
+        engine = self.engine
+        sources: list[tuple[int, _Context | None, int, Receipt]] = []  # (old slot or -1, joining context, token, ...)
+        index: dict[tuple[int, int, int], int] = {}
+        for row in sorted(going, key=lambda row: row.slot >= 0, reverse=True):  # slots from the buffer first
+            parent = row.slot if row.slot >= 0 else -1
+            token = row.request.tokens[row.r][-1]
+            key = (parent, id(row.request.ctx) if parent < 0 else 0, token)
+            if key not in index:
+                index[key] = len(sources)
+                receipt = self._slot_receipt[parent] if parent >= 0 else row.request.receipt
+                sources.append((parent, row.request.ctx if parent < 0 else None, token, receipt))
+            row.slot = index[key]
+        tail_slot: dict[int, int] = {}
+        tails: list[_Context] = []
+        tail_rows: list[_LiveRow] = []
+        for request in joining:
+            if request.ctx.tail is not None:
+                if id(request.ctx) not in tail_slot:
+                    tail_slot[id(request.ctx)] = len(sources)
+                    tails.append(request.ctx)
+                    sources.append((-1, request.ctx, request.ctx.tail, request.receipt))
+                tail_rows += [_LiveRow(request, r, tail_slot[id(request.ctx)], None) for r in range(len(request.rows))]
+        self.live = going + tail_rows
+        if not sources:
+            self.cache, self.pads, self._slot_receipt = None, [], []
+            return
+        room = 1 + max((row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r]) for row in self.live),
+                       default=0)
+        self._rebuild(sources, room)
+        ids = torch.tensor([[token] for _, _, token, _ in sources])
+        out, self.cache = engine.forward(ids, self.cache, pads=self.pads, receipts=self._slot_receipt)
+        fresh = out[:, -1]
+        for row in self.live:
+            row.logits = fresh[row.slot]
+        for ctx in tails:  # the context's last token is computed now: keep it with its logits
+            if engine.reuse_cache:
+                slot, column = tail_slot[id(ctx)], self.cache.layers[0].length - 1
+                engine.keep_tail(ctx.tokens, len(ctx.tokens) - 1, self.cache, column, slot, fresh[slot])
+            ctx.tail, ctx.segments = None, []
+
+    def _rebuild(self, sources: list[tuple[int, _Context | None, int, Receipt]], room: int) -> None:
+        """The buffer for the next forward: each new slot copies an old slot or a joining context,
+        left-padded to the longest, with `room` more columns; kept as it is when every old slot
+        goes on in place and there is room."""
+        old = self.cache
+        col = old.layers[0].length if old is not None else 0
+        parents = [parent for parent, _, _, _ in sources]
+        self._slot_receipt = [receipt for _, _, _, receipt in sources]
+        if (old is not None and parents == list(range(old.layers[0].kbuf.shape[0]))
+                and col < old.layers[0].kbuf.shape[2]):
+            return
+        lengths = [col - self.pads[p] if p >= 0 else sum(kv[0][0].shape[-2] for kv in ctx.segments)
+                   for p, ctx, _, _ in sources]
+        width = max(lengths)
+        kept = [p for p in parents if p >= 0]
+        kept_width = max(lengths[:len(kept)], default=0)
+        alloc = torch.zeros if any(n < width for n in lengths) else torch.empty  # padding must be finite
+        joining = next((ctx for p, ctx, _, _ in sources if p < 0), None)
+        model_layers = old.layers if old is not None else joining.segments[0]  # shapes, dtype, device
+        layers = []
+        for layer in range(len(model_layers)):
+            if old is not None:
+                k0, v0 = old.layers[layer].kbuf, old.layers[layer].vbuf
+            else:
+                k0, v0 = joining.segments[0][layer]
+            shape = (len(sources), k0.shape[1], width + room, k0.shape[3])
+            kbuf = alloc(shape, dtype=k0.dtype, device=k0.device)
+            vbuf = alloc((*shape[:3], v0.shape[3]), dtype=v0.dtype, device=v0.device)
+            if kept:
+                index = torch.tensor(kept, device=k0.device)
+                kbuf[:len(kept), :, width - kept_width:width] = k0[:, :, col - kept_width:col].index_select(0, index)
+                vbuf[:len(kept), :, width - kept_width:width] = v0[:, :, col - kept_width:col].index_select(0, index)
+            slot = len(kept)
+            while slot < len(sources):  # a joining context's slots are consecutive: one copy for them
+                ctx, end = sources[slot][1], slot
+                while end < len(sources) and sources[end][1] is ctx:
+                    end += 1
+                n = lengths[slot]
+                kbuf[slot:end, :, width - n:width] = concat(ctx.segments, layer, 0)
+                vbuf[slot:end, :, width - n:width] = concat(ctx.segments, layer, 1)
+                slot = end
+            layers.append(BufferLayer(kbuf, vbuf, width))
+        self.cache = DynamicCache()
+        self.cache.layers = layers
+        self.pads = [width - n for n in lengths]
+
+
+def _rows(requests: list[_Request], logits: torch.Tensor) -> list[_LiveRow]:
+    """The rows of requests that join with their context's logits known: they pick at once."""
+    return [_LiveRow(request, r, -1, logits) for request in requests for r in range(len(request.rows))]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor,
+           greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from the logits warped by temperature then top-k (the official logits
+    processors' order), chosen by inverse CDF with uniforms `u` (same u -> same token), or the
+    most likely token for greedy rows; with its log probability under the warped distribution.
+    A top-k rule works on the k largest logits only (sorted), not on the whole vocabulary.
+    Runs where `logits` live; returns CPU tensors (tokens long, log probabilities float64)."""
+    scaled = logits / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        scaled, vocab_ids = torch.topk(scaled, top_k, dim=-1)  # descending: column 0 is the argmax
+    else:
+        vocab_ids = None
+    probs = torch.softmax(scaled.double() if vocab_ids is not None else scaled, dim=-1)
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    target = (u.double().to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+    col = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    # never land on a zero-probability token (possible only through rounding at the edges)
+    best = torch.zeros_like(col) if vocab_ids is not None else torch.argmax(probs, dim=-1)
+    col = torch.where(probs.gather(1, col.view(-1, 1)).squeeze(1) == 0, best, col)
+    if greedy.any():
+        col = torch.where(greedy.to(col.device), best, col)
+    logprob = torch.log(probs.gather(1, col.view(-1, 1)).squeeze(1)).double()
+    tokens = vocab_ids.gather(1, col.view(-1, 1)).squeeze(1) if vocab_ids is not None else col
+    return tokens.cpu(), logprob.cpu()

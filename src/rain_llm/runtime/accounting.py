@@ -1,0 +1,127 @@
+"""What the model work cost: a receipt per request, summed per answer at the edge.
+
+A backend fills one `Receipt` per request it runs (the forward passes it took part in, the token
+positions run for it, its share of the time, its phase and model). The scheduler charges each
+receipt to the answer that asked (`Compute.charge`), so an answer's figures are its own whatever
+else shared the batch; a batch's figures are its answers' merged (`Compute.merged`): tokens add
+up (every position is charged to exactly one request), forward passes are counted once each
+(receipts name them by id). Nothing outside the scheduler resets anything.
+
+`LeastWork` is the yardstick: the distinct token positions an answer asked the model about, each
+counted once; set beside the tokens processed, it shows the waste.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PHASES = ("prefill", "expand", "simulate", "evaluate", "embed", "generate")
+
+
+@dataclass(eq=False)  # hashed by identity: the engine keeps the receipts a call touched in a set
+class Receipt:
+    """The work one request caused, filled in by the backend that ran it."""
+
+    phase: str
+    model: str = ""
+    forwards: set[tuple[int, int]] = field(default_factory=set)  # (backend id, forward number)
+    tokens: int = 0  # token positions run for it: its rows x the positions of each forward, padding included
+    seconds: float = 0.0  # its share of the time of the backend calls it took part in
+
+    def add(self, forward: tuple[int, int], tokens: int) -> None:
+        self.forwards.add(forward)
+        self.tokens += tokens
+
+
+@dataclass
+class PhaseCount:
+    """One phase's work: requests asked, forward passes taken part in, tokens, seconds."""
+
+    requests: int = 0
+    forwards: set[tuple[int, int]] = field(default_factory=set)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def forward_passes(self) -> int:
+        return len(self.forwards)
+
+    def add(self, other: PhaseCount | Receipt, requests: int = 1) -> None:
+        self.requests += requests if isinstance(other, Receipt) else other.requests
+        self.forwards |= other.forwards
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+
+
+class LeastWork:
+    """The least work an answer could have cost: every distinct token position it asked the model
+    about (contexts whose logits it needed, rows it decoded, prompts it scored), each once."""
+
+    def __init__(self) -> None:
+        self.root: dict[int, dict] = {}
+        self.tokens = 0
+
+    def add(self, sequence: Sequence[int], *, count: bool = True) -> None:
+        """Note positions asked about; `count=False` for ones an earlier answer left cached."""
+        node = self.root
+        for token in sequence:
+            child = node.get(token)
+            if child is None:
+                child = node[token] = {}
+                self.tokens += int(count)
+            node = child
+
+
+class Compute:
+    """Work per phase (from receipts) and the least work, of one answer or of a whole batch."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, PhaseCount] = {}
+        self.least = LeastWork()
+        self.least_tokens = 0  # of merged answers (their least work is per answer, summed)
+
+    def charge(self, receipt: Receipt) -> None:
+        self.phases.setdefault(receipt.phase, PhaseCount()).add(receipt)
+
+    def asked(self, sequences: Iterable[Sequence[int]]) -> None:
+        for sequence in sequences:
+            self.least.add(sequence)
+
+    @classmethod
+    def merged(cls, parts: Iterable[Compute]) -> Compute:
+        """A batch's work from its answers': tokens and seconds add, each forward pass counts once."""
+        out = cls()
+        for part in parts:
+            for name, count in part.phases.items():
+                out.phases.setdefault(name, PhaseCount()).add(count)
+            out.least_tokens += part.least_work
+        return out
+
+    @property
+    def lm_tokens(self) -> int:
+        """Token positions the language models processed (all phases but the sentence embedder's):
+        what `max_search_tokens` counts."""
+        return sum(c.tokens for name, c in self.phases.items() if name != "embed")
+
+    @property
+    def least_work(self) -> int:
+        return self.least.tokens + self.least_tokens
+
+    def total(self) -> PhaseCount:
+        total = PhaseCount()
+        for count in self.phases.values():
+            total.add(count)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of `stats["compute"]`: per phase requests, forward passes, tokens and seconds;
+        the total (a forward pass serving several phases counts once); the least work."""
+        out: dict[str, Any] = {name: {"requests": c.requests, "forward_passes": c.forward_passes, "tokens": c.tokens,
+                                      "seconds": round(c.seconds, 4)} for name, c in sorted(self.phases.items())}
+        total = self.total()
+        out["total"] = {"forward_passes": total.forward_passes, "tokens": total.tokens}
+        if self.least_work:
+            out["least_work"] = {"tokens": self.least_work}
+        return out
