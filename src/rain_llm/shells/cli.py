@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", default=None, help="TOML file of settings")
     gen.add_argument("--json", action="store_true", help="print JSON (text, token_ids, stats) instead of text")
     gen.add_argument("--trace", default=None, metavar="FILE", help="write the whole search per committed step")
+    gen.add_argument("--trace-html", default=None, metavar="FILE", help="write the search as an offline HTML page "
+                     "(see rain view)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     gen.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables, CSV and plots from rain eval results")
     rep.add_argument("results", nargs="+", help="results files (JSON lines)")
     rep.add_argument("--out", default="report", help="output folder (default ./report)")
+
+    view = sub.add_parser("view", help="a --trace file as one offline HTML page: the answer path and the "
+                          "search tree of every step")
+    view.add_argument("trace", help="trace file written by rain generate --trace")
+    view.add_argument("-o", "--out", default=None, help="HTML file to write (default: the trace path with .html)")
     return parser
 
 
@@ -199,19 +206,25 @@ def run_generate(args: argparse.Namespace) -> int:
         parent = Path(args.trace).resolve().parent
         if not parent.is_dir():
             raise RainError(f"cannot write trace: folder {parent} does not exist")
+    if args.trace_html and not Path(args.trace_html).resolve().parent.is_dir():
+        raise RainError(f"cannot write --trace-html: folder {Path(args.trace_html).resolve().parent} does not exist")
     from rain_llm.api import Rain  # heavy imports only once the arguments are known good
 
     rain = Rain.load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     progress = Progress(not args.quiet and cfg.method == "rain")
     try:
-        out = rain.generate(args.prompt, cfg, trace=bool(args.trace), progress=progress)
+        out = rain.generate(args.prompt, cfg, trace=bool(args.trace or args.trace_html), progress=progress)
     finally:
         progress.close()
     stats = out.stats.to_dict()
+    record = {"prompt": args.prompt, "model": rain.name, "config": out.config, "text": out.text,
+              "token_ids": out.token_ids, "stats": stats, "steps": out.trace or []}
     if args.trace:
-        _write_atomic(args.trace, {"prompt": args.prompt, "model": rain.name, "config": out.config,
-                                   "text": out.text, "token_ids": out.token_ids, "stats": stats,
-                                   "steps": out.trace or []})
+        _write_atomic(args.trace, record)
+    if args.trace_html:
+        from rain_llm.shells.view import write_html
+
+        write_html(record, args.trace_html)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "method": out.method, "model": rain.name,
                           "stats": stats, "config": out.config}))
@@ -314,6 +327,13 @@ def run_serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_view_command(args: argparse.Namespace) -> int:
+    from rain_llm.shells.view import write_view
+
+    print(write_view(args.trace, args.out))
+    return 0
+
+
 def run_report_command(args: argparse.Namespace) -> int:
     from rain_llm.evaluation.report import write_report
 
@@ -347,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench_command(args)
         if args.command == "serve":
             return run_serve_command(args)
+        if args.command == "view":
+            return run_view_command(args)
     except RainError as err:
         print(f"rain: error: {err}", file=sys.stderr)
         return 2
