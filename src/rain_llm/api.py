@@ -46,17 +46,21 @@ __all__ = ["Rain", "ContinuousBatch", "Generation", "AnswerStats"]
 
 
 class Rain:
-    """A loaded model (and the sentence embedder) ready to answer prompts with RAIN, vanilla
-    decoding or best-of-n."""
+    """A model (and the sentence embedder) ready to answer prompts with RAIN, vanilla decoding or
+    best-of-n. `model`: a transformers model, run in this process (the default backend); or None
+    with `backend`, any other implementation of the backend interface (a remote engine), and
+    `stop_ids`, the ids that end a turn."""
 
     def __init__(self, model: Any, tokenizer: Any, *, embedder: MiniLMEmbedder | None = None,
-                 name: str = "model"):
+                 name: str = "model", backend: Backend | None = None, stop: Sequence[int] | None = None):
+        if backend is None and model is None:
+            raise RainError("Rain needs a model, or a backend that runs one")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self.codec = Codec(tokenizer, stop_ids(model, tokenizer))
-        self.backend = HFBackend(HFEngine(model, self.codec), name)
-        self._no_reuse: HFBackend | None = None
+        self.codec = Codec(tokenizer, stop if stop is not None else stop_ids(model, tokenizer))
+        self.backend: Backend = backend if backend is not None else HFBackend(HFEngine(model, self.codec), name)
+        self._no_reuse: Backend | None = None
         self._embedder = embedder
         self._embedder_backend: EmbedderBackend | None = None
         self._value_sources: dict[tuple, ValueSource] = {}
@@ -71,7 +75,9 @@ class Rain:
 
     @property
     def device(self) -> str:
-        return str(self.backend.engine.device)
+        """Where local parts (the embedder, judge models) run: the model's device, else the CPU."""
+        engine = getattr(self.backend, "engine", None)
+        return str(engine.device) if engine is not None else "cpu"
 
     @property
     def embedder(self) -> MiniLMEmbedder:
@@ -85,7 +91,7 @@ class Rain:
         if cfg.reuse_cache:
             return self.backend
         if self._no_reuse is None:
-            self._no_reuse = self.backend.scope(reuse_cache=False)
+            self._no_reuse = self.backend.scope(reuse_cache=False)  # type: ignore[call-arg]
         return self._no_reuse
 
     def value_source(self, cfg: RainConfig, value: ValueArg = None) -> ValueSource:

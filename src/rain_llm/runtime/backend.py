@@ -169,8 +169,9 @@ class Backend(Protocol):
     def release(self, owner: Hashable) -> None:
         """`owner` is done: what only it kept may go at the next `retain`."""
 
-    def scope(self) -> Backend:
-        """The same model with a cache of its own (a judge must not touch the searches' cache)."""
+    def scope(self, *, reuse_cache: bool | None = None) -> Backend:
+        """The same model with a cache of its own (a judge must not touch the searches' cache);
+        reuse_cache=False: one that reuses nothing across requests (to measure what reuse saves)."""
 
 
 def run_requests(backend: Backend, requests: Sequence[ModelRequest], compute: Any = None) -> list[Any]:

@@ -160,7 +160,7 @@ class RainSearch:
                 if done > 0 and self.env.over_budget():
                     break
                 done += yield from self.round(max_leaves=end - visits_before - done)
-                self._report(done, end - visits_before)
+                self._report(done, end - visits_before, visits_before)
                 best = self.best_child(self.root)
                 if best is not None and best.visits > self.cfg.t_min and best.q > self.cfg.value_threshold:
                     break
@@ -363,10 +363,12 @@ class RainSearch:
         for c, p in zip(children, self._mix(np.array(priors, dtype=np.float64))):
             c.prior = float(p)
 
-    def _report(self, done: int, budget: int) -> None:
+    def _report(self, done: int, budget: int, visits_before: int) -> None:
         if self.progress is not None:
             self.progress({"step": self.stats.steps + 1, "iteration": done, "budget": budget,
-                           "nodes": self.stats.nodes, "answer_tokens": len(self.answer)})
+                           "visits_before": visits_before, "t_max": self.cfg.t_max,
+                           "fresh": self.cfg.fresh_iterations, "nodes": self.stats.nodes,
+                           "answer_tokens": len(self.answer)})
 
     def tree_dict(self, node: Node) -> dict[str, Any]:
         """The subtree under `node` as plain data (for --trace)."""

@@ -82,9 +82,10 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
     """Each method on each prompt (after one warm-up per method); a summary per method. A method
     with "batch": B answers all the prompts through a continuous batch with B in flight (a new
     prompt joins as soon as one is answered, as in `rain eval --batch` and `rain serve`)."""
-    for kw in methods.values():
+    for name, kw in methods.items():
         kw = dict(kw)
         batch = kw.pop("batch", 1)
+        print(f"[{name}] warm-up", file=log, flush=True)
         rain.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for name, kw in methods.items():
@@ -92,7 +93,7 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
         batch = kw.pop("batch", 1)
         schedule = kw.pop("schedule", "token")  # how batched searches are stepped; one prompt has none
         if batch > 1:
-            runs[name].append(run_continuous(rain, cfg.replace(**kw), prompts, batch, schedule))
+            runs[name].append(run_continuous(rain, cfg.replace(**kw), prompts, batch, schedule, name, log))
             rec = runs[name][-1]
             print(f"[{name}] {len(prompts)} prompts, {batch} at a time: {rec['answer_tokens']:4d} tokens "
                   f"{rec['seconds']:8.2f}s {rec['tokens']:8d} tokens processed", file=log, flush=True)
@@ -110,8 +111,8 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
     return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()})}
 
 
-def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
-                   schedule: str = "token") -> dict[str, Any]:
+def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, schedule: str = "token",
+                   name: str = "", log: Any = None) -> dict[str, Any]:
     """All prompts through one continuous batch, `batch` in flight; one record for the whole run
     (compute: the answers' work merged, each forward pass counted once)."""
     cb = rain.continuous_batch(schedule)
@@ -123,7 +124,11 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int,
         if joining:
             cb.add_many([(key, prompt, cfg) for key, prompt in joining])
             del queue[:len(joining)]
-        outs.update(cb.step())
+        for key, out in cb.step().items():
+            outs[key] = out
+            if log is not None:
+                print(f"[{name}] answer {len(outs)} of {len(prompts)} done: {len(out.token_ids):4d} tokens "
+                      f"{time.perf_counter() - start:8.2f}s", file=log, flush=True)
     _sync()
     seconds = time.perf_counter() - start
     answers = [outs[i] for i in range(len(prompts))]
@@ -205,16 +210,20 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
              f"{'iter/step':>9s} {'LM tok/least':>12s} {'thru x B=1':>10s} {'value':>7s}"]
     for name, s in summary.items():
         least = s["lm_tokens_over_least_work"]
-        lines.append(f"{name:16s} {s['seconds_per_token']:9.4f} {s['x_vanilla'] or 0:9.2f} "
+        lines.append(f"{name:16s} {s['seconds_per_token']:9.4f} {_cell(s['x_vanilla'], 9, 2)} "
                      f"{s['forward_passes_per_token']:10.1f} {s['tokens_per_token']:10.1f} "
-                     f"{s['iterations_per_step'] or 0:9.1f} {least if least is not None else float('nan'):12.2f} "
-                     f"{s.get('throughput_x_unbatched') or float('nan'):10.2f} "
-                     f"{s['final_value'] if s.get('final_value') is not None else float('nan'):7.3f}")
+                     f"{_cell(s['iterations_per_step'], 9, 1)} {_cell(least, 12, 2)} "
+                     f"{_cell(s.get('throughput_x_unbatched'), 10, 2)} {_cell(s.get('final_value'), 7, 3)}")
     lines.append("per phase (forward passes / tokens / seconds):")
     for name, s in summary.items():
         parts = [f"{p} {c['forward_passes']}/{c['tokens']}/{c['seconds']:.2f}" for p, c in sorted(s["phases"].items())]
         lines.append(f"  {name:14s} " + ", ".join(parts))
     return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int, digits: int) -> str:
+    """A table cell: the number, or "-" where it does not apply (e.g. throughput of an unbatched row)."""
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}s}"
 
 
 def machine() -> dict[str, Any]:

@@ -11,6 +11,7 @@ file, `--preset` picks a named set; flags win over the file, the file over the p
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import sys
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rain_llm.config import PRESETS, RainConfig, load_config
 from rain_llm.errors import RainError
@@ -32,12 +33,50 @@ HELP = {
     "value_mode": "vote (official binary vote of both option orders) or mean (continuous)",
     "fewshot": "few-shot preamble for transcript prompts: 'default' or a file",
     "reuse_cache": "reuse KV caches across calls (--no-reuse-cache recomputes, to measure the saving)",
+    "t_max": "iterations per committed step, counting the root's visits kept from the previous step "
+             "(default 50); at least --fresh-iterations new ones run each step, so a t_max below it still "
+             "runs that many",
+    "fresh_iterations": "new iterations each committed step runs at least, whatever --t-max says (default 15, "
+                        "as the official code)",
+    "t_min": "a step may stop early once its best child has more than this many visits and a value above "
+             "--value-threshold (default 6)",
+    "max_search_tokens": "compute budget per answer in LM tokens processed (0: none); then the best path is "
+                         "committed and the rest decoded plainly",
+    "max_search_seconds": "compute budget per answer in seconds (0: none), as --max-search-tokens",
 }
+MODEL_HELP = ("Hugging Face id, local folder, .gguf file, or a short name from `rain models list` (default: "
+              "the bundled SmolLM2-135M-Instruct)")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("search settings (defaults: the paper's; see rain_llm/config.py)")
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (`--max-new-token` must not silently mean
+    --max-new-tokens) and with one error line that suggests the option meant."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"rain: error: {message} (see {self.prog} --help)\n")
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """'unrecognized arguments: X' plus the closest options this command has."""
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        if arg.startswith("-"):
+            close = difflib.get_close_matches(arg.split("=")[0], options, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{arg.split('=')[0]} -> did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("search settings (defaults: the paper's; see src/rain_llm/config.py)")
     for f in fields(RainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(RainConfig, f.name, None)
         help_text = HELP.get(f.name, f"default {default!r}")
@@ -51,74 +90,84 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, default=None, help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rain", description="RAIN: rewindable auto-regressive inference")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_model_flags(parser: argparse.ArgumentParser, *, preset: str | None = None, device_map: bool = False,
+                     model_help: str = MODEL_HELP) -> None:
+    """The flags of every command that runs a model: which one, where, and its settings."""
+    group = parser.add_argument_group("model and settings")
+    group.add_argument("--model", default=None, help=model_help)
+    group.add_argument("--preset", default=preset, help=f"named settings: {', '.join(PRESETS)} (default "
+                       f"{preset or 'none: the paper-hh defaults'}); see README")
+    group.add_argument("--config", default=None, metavar="FILE", help="TOML file of settings (any key of "
+                       "RainConfig); flags win over the file, the file over --preset")
+    group.add_argument("--device", default="auto", help="auto (CUDA when there is one, else CPU), cpu, cuda, "
+                       "cuda:1, ... (default auto)")
+    group.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                       "bfloat16, float16 (default auto)")
+    group.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: "
+                       "$RAIN_THREADS, else torch's default of one per core); on a machine shared with other "
+                       "jobs, 1 is often much faster")
+    if device_map:
+        group.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and each command's subparser (for suggestions on mistyped options)."""
+    parser = Parser(prog="rain", description="RAIN: rewindable auto-regressive inference")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     gen = sub.add_parser("generate", help="answer one prompt with RAIN or vanilla decoding")
     gen.add_argument("prompt", help="the user's message")
-    gen.add_argument("--model", default=None, help="Hugging Face id, local folder or .gguf file (default: the "
-                     "bundled SmolLM2-135M-Instruct)")
-    gen.add_argument("--preset", choices=None, default=None, help=f"named settings: {', '.join(PRESETS)}")
-    gen.add_argument("--config", default=None, help="TOML file of settings")
     gen.add_argument("--json", action="store_true", help="print JSON (text, token_ids, stats) instead of text")
     gen.add_argument("--trace", default=None, metavar="FILE", help="write the whole search per committed step")
     gen.add_argument("--trace-html", default=None, metavar="FILE", help="write the search as an offline HTML page "
                      "(see rain view)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    gen.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
     gen.add_argument("--quiet", action="store_true", help="no progress line or summary")
+    _add_model_flags(gen, device_map=True)
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="run one of the paper's experiments: answer, judge, append results")
     ev.add_argument("task", help="hh, advbench, truthfulqa, xstest, selfeval or sentiment")
-    ev.add_argument("--model", default=None, help="the evaluated model (default: the bundled SmolLM2-135M-Instruct)")
-    ev.add_argument("--methods", default="vanilla,rain", help="comma-separated: vanilla, rain, best-of-n")
+    ev.add_argument("--methods", default="vanilla,rain", help="comma-separated methods to answer every prompt "
+                    "with: vanilla, rain, best-of-n (default vanilla,rain); the search settings below apply to "
+                    "rain and best-of-n")
     ev.add_argument("--out", default=None, help="results file, JSON lines (default results/TASK-MODEL.jsonl)")
-    ev.add_argument("--data", default=None, help="data file or Hugging Face dataset name (default: ../shared/data)")
+    ev.add_argument("--data", default=None, help="data file or Hugging Face dataset name (default: $RAIN_DATA_DIR "
+                    "or ../shared/data next to the repository)")
     ev.add_argument("--variant", default=None, help="advbench suffixes: none, smoothllm, jbb-vicuna, jbb-llama2")
     ev.add_argument("--limit", type=int, default=None, help="first N prompts (of this shard)")
     ev.add_argument("--shard", default=None, help="i/n: the i-th of n disjoint shards (0-based)")
     ev.add_argument("--batch", type=int, default=1, help="answers in flight at once, in one continuous batch: "
-                    "RAIN searches run in lockstep with their model calls batched, and a finished answer's "
-                    "place goes to the next prompt")
-    ev.add_argument("--best-of-n", default="4", help="samples for best-of-n, or 'match' to match RAIN's compute")
+                    "their model calls are batched, and a finished answer's place goes to the next prompt "
+                    "(default 1)")
+    ev.add_argument("--best-of-n", default="4", help="samples for best-of-n, or 'match' to match RAIN's compute "
+                    "(default 4)")
     ev.add_argument("--judge-model", default=None, help="local model as LM judge ('policy': the model itself)")
     ev.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint as LM judge (base URL)")
     ev.add_argument("--judge-name", default=None, help="model name at --judge-url")
     ev.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    ev.add_argument("--preset", default=None)
-    ev.add_argument("--config", default=None)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default="auto")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_flags(ev)
+    _add_model_flags(ev, model_help="the evaluated model: " + MODEL_HELP)
+    _add_config_flags(ev, skip=("method",))  # the methods are --methods
 
     bench = sub.add_parser("bench", help="vanilla vs RAIN side by side: time, forward passes, tokens, least work")
-    bench.add_argument("--model", default=None, help="model to load (default: the bundled SmolLM2-135M-Instruct)")
     bench.add_argument("--random", default=None, choices=["tiny", "llama3-8b"],
                        help="instead of --model: random weights of this shape (bf16 on a GPU)")
     bench.add_argument("--tokenizer", default=None, help="with --random: tokenizer folder (default: the "
                        "bundled model's; elsewhere e.g. ASSETS/lm from benchmarks/gpu_check.py --make-assets)")
     bench.add_argument("--embedder", default=None, help="with --random: MiniLM config + tokenizer folder "
                        "(e.g. ASSETS/minilm)")
-    bench.add_argument("--prompts", type=int, default=3, help="number of HH first-turn prompts")
+    bench.add_argument("--prompts", type=int, default=3, help="number of HH first-turn prompts (default 3)")
     bench.add_argument("--methods", default="vanilla,rain,rain-no-reuse",
                        help="comma-separated: vanilla, rain, rain-no-reuse, rain-pN (N parallel leaves); "
                        "-bN after any (e.g. rain-b16): N prompts in flight in a continuous batch; "
-                       "rain-rounds-bN: the same with whole search iterations in lockstep")
+                       "rain-rounds-bN: the same with whole search iterations in lockstep "
+                       "(default vanilla,rain,rain-no-reuse)")
     bench.add_argument("--fixed-budget", action="store_true",
                        help="no early stop (value_threshold 2, fresh_iterations 0): every step runs t_max iterations")
     bench.add_argument("--out", default=None, help="write JSON here")
-    bench.add_argument("--preset", default="paper-hh")
-    bench.add_argument("--config", default=None)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", default="auto")
+    _add_model_flags(bench, preset="paper-hh")
     _add_config_flags(bench)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions) answering with RAIN")
-    srv.add_argument("--model", default=None, help="Hugging Face id, local folder or .gguf file (default: the "
-                     "bundled SmolLM2-135M-Instruct)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     srv.add_argument("--served-name", default=None, help="the model name clients send (default: --model, or "
@@ -126,16 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=16,
                      help="most requests answered at once, in one continuous batch (default 16)")
     srv.add_argument("--batch-window", type=float, default=0.05, metavar="SECONDS",
-                     help="how long the first queued request waits for others to join its batch")
-    srv.add_argument("--preset", default=None, help=f"named settings: {', '.join(PRESETS)}")
-    srv.add_argument("--config", default=None, help="TOML file of settings (requests may change search settings)")
-    srv.add_argument("--device", default="auto")
-    srv.add_argument("--dtype", default="auto")
-    srv.add_argument("--device-map", default=None)
+                     help="how long the first queued request waits for others to join its batch (default 0.05)")
+    _add_model_flags(srv, device_map=True)
     _add_config_flags(srv)
 
     mod = sub.add_parser("models", help="models split over PyPI packages: list them, fetch one by short name")
-    mod_sub = mod.add_subparsers(dest="models_command", required=True)
+    mod_sub = mod.add_subparsers(dest="models_command", required=True, parser_class=Parser)
     mod_sub.add_parser("list", help="known split models: size, fetched or not, folder")
     fetch = mod_sub.add_parser("fetch", help="download, join and convert one (then: --model NAME)")
     fetch.add_argument("name", help="short name, as `rain models list` shows")
@@ -150,33 +195,70 @@ def build_parser() -> argparse.ArgumentParser:
                           "search tree of every step")
     view.add_argument("trace", help="trace file written by rain generate --trace")
     view.add_argument("-o", "--out", default=None, help="HTML file to write (default: the trace path with .html)")
-    return parser
+    commands = {"generate": gen, "eval": ev, "bench": bench, "serve": srv, "models": mod, "report": rep,
+                "view": view}
+    return parser, commands
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads: --threads, else $RAIN_THREADS, else torch's default."""
+    if threads is None:
+        env = os.environ.get("RAIN_THREADS")
+        if env is None or not env.strip():
+            return
+        if not env.strip().isdigit():
+            raise RainError(f"invalid RAIN_THREADS={env!r}: a positive integer")
+        threads = int(env)
+    if threads < 1:
+        raise RainError(f"invalid --threads {threads}: must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def load_rain(args: argparse.Namespace) -> Any:
+    """The model a command runs, from its model flags (threads set first)."""
+    set_threads(args.threads)
+    from rain_llm.api import Rain  # heavy imports only once the arguments are known good
+
+    return Rain.load(args.model, device=args.device, dtype=args.dtype,
+                     device_map=getattr(args, "device_map", None))
 
 
 class Progress:
-    """One live status line on stderr while the search runs."""
+    """The search's status on stderr: one live line on a terminal; in a log, a line at every new
+    step and at least every `every` seconds, so a long step never looks stuck."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, every: float = 5.0, stream: Any = None):
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = every
         self.start = time.perf_counter()
         self.last_step = 0
+        self.last_line = -every
 
     def __call__(self, info: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = (f"step {info['step']}  iteration {info['iteration']}/{info['budget']}  nodes {info['nodes']}  "
-                f"answer {info['answer_tokens']} tokens  {time.perf_counter() - self.start:.1f}s")
+        now = time.perf_counter() - self.start
+        budget = f"{info['iteration']}/{info['budget']}"
+        if info["budget"] > info.get("t_max", info["budget"]) - info.get("visits_before", 0):
+            budget += f" (t_max={info['t_max']}, but at least fresh_iterations={info['fresh']} new per step)"
+        line = (f"step {info['step']}  iteration {budget}  nodes {info['nodes']}  "
+                f"answer {info['answer_tokens']} tokens  {now:.1f}s")
         if self.tty:
-            sys.stderr.write("\r" + line.ljust(100))
-            sys.stderr.flush()
-        elif info["step"] != self.last_step:
-            sys.stderr.write(line + "\n")
+            self.stream.write("\r" + line.ljust(100))
+            self.stream.flush()
+        elif info["step"] != self.last_step or now - self.last_line >= self.every:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last_line = now
         self.last_step = info["step"]
 
     def close(self) -> None:
         if self.enabled and self.tty:
-            sys.stderr.write("\n")
+            self.stream.write("\n")
 
 
 def summary(stats: dict[str, Any], method: str) -> str:
@@ -216,9 +298,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise RainError(f"cannot write trace: folder {parent} does not exist")
     if args.trace_html and not Path(args.trace_html).resolve().parent.is_dir():
         raise RainError(f"cannot write --trace-html: folder {Path(args.trace_html).resolve().parent} does not exist")
-    from rain_llm.api import Rain  # heavy imports only once the arguments are known good
-
-    rain = Rain.load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    rain = load_rain(args)
     progress = Progress(not args.quiet and cfg.method == "rain")
     try:
         out = rain.generate(args.prompt, cfg, trace=bool(args.trace or args.trace_html), progress=progress)
@@ -247,7 +327,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from rain_llm.evaluation.data import parse_shard
     from rain_llm.evaluation.harness import EvalSettings, run_eval, summary_line
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(RainConfig)}
     cfg = load_config(args.preset, args.config, **overrides)
     name = Path(args.model).name if args.model else "default"
     out = Path(args.out) if args.out else Path("results") / f"{args.task}-{name}.jsonl"
@@ -259,9 +339,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
                             batch=args.batch).validate()
     if args.limit is not None and args.limit < 1:
         raise RainError(f"invalid --limit {args.limit}: must be at least 1")
-    from rain_llm.api import Rain
-
-    rain = Rain.load(args.model, device=args.device, dtype=args.dtype)
+    rain = load_rain(args)
     result = run_eval(rain, cfg, settings)
     print(f"{result['written']} answers written to {result['out']} ({result['skipped']} already there)",
           file=sys.stderr)
@@ -270,7 +348,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from rain_llm.api import Rain
     from rain_llm.engine.hf.models import pick_device
     from rain_llm.shells.bench import bench_prompts, machine, random_rain, run_bench, table, write_json
 
@@ -299,8 +376,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
         methods[m] = kw | ({"batch": batch} if batch > 1 else {})
     if args.prompts < 1:
         raise RainError(f"invalid --prompts {args.prompts}: must be at least 1")
-    rain = random_rain(args.random, pick_device(args.device), args.tokenizer, args.embedder) if args.random else \
-        Rain.load(args.model, device=args.device, dtype=args.dtype)
+    if args.random:
+        set_threads(args.threads)
+        rain = random_rain(args.random, pick_device(args.device), args.tokenizer, args.embedder)
+    else:
+        rain = load_rain(args)
     result = run_bench(rain, cfg, bench_prompts(args.prompts), methods)
     print(table(result["summary"]))
     if args.out:
@@ -324,9 +404,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from rain_llm.shells.server import RainServer, check_port
 
     check_port(args.host, args.port)  # a busy port is reported before a large model loads, not after
-    from rain_llm.api import Rain
-
-    rain = Rain.load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    rain = load_rain(args)
     server = RainServer(rain, cfg, host=args.host, port=args.port, model_name=args.served_name,
                         max_batch=args.max_batch, batch_window=args.batch_window)
     print(f"rain: serving {server.model_name!r} at {server.url} (POST /chat/completions; up to {args.max_batch} "
@@ -372,8 +450,11 @@ def run_models_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, commands = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = commands.get(args.command, parser)
+        command.error(_did_you_mean(command, unknown))
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

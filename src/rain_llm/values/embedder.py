@@ -119,5 +119,5 @@ class EmbedderBackend:
     def release(self, owner: Hashable) -> None:
         """No cache to keep."""
 
-    def scope(self) -> EmbedderBackend:
+    def scope(self, *, reuse_cache: bool | None = None) -> EmbedderBackend:
         return self

@@ -304,9 +304,37 @@ def resolve(model: str | None) -> tuple[str, dict[str, Any]]:
         if not (path / "config.json").is_file():
             raise RainError(f"{model} is a folder but holds no config.json: not a Hugging Face model folder")
         return str(path), {}
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if path.exists():
+        raise RainError(f"{model} is a file but not a model: give a Hugging Face id, a model folder (with "
+                        "config.json) or a .gguf file")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise RainError(f"model path not found: {model}")
+    _check_hub(model)
     return model, {}  # a hub id
+
+
+def _check_hub(repo: str) -> None:
+    """A hub id loads from the local Hugging Face cache, or from the hub when it can be reached;
+    fail at once (not after a minute of retries) when it is neither cached nor reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not _reachable("huggingface.co", 443):
+        why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached"
+        raise RainError(f"model {repo!r} is not in the local Hugging Face cache and {why}: give a local model "
+                        "folder or .gguf file, or a short name from `rain models list`")
+
+
+def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def pick_device(device: str) -> str:

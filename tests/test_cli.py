@@ -1,0 +1,97 @@
+"""The command line's first hour: no silent abbreviations, a suggestion for a typo, thread control,
+progress lines in logs, clear model errors, a bench table without NaNs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rain_llm.shells.cli import Progress, main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rain: error:"), err
+    return err[0]
+
+
+def test_abbreviated_options_are_refused_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as code:
+        main(["generate", "--max-new-token", "16", "hi"])
+    assert code.value.code == 2
+    line = one_error_line(capsys)
+    assert "--max-new-token" in line and "did you mean --max-new-tokens" in line
+    with pytest.raises(SystemExit):
+        main(["eval", "hh", "--method", "rain"])  # eval's methods are --methods
+    assert "did you mean --methods" in one_error_line(capsys)
+
+
+def test_threads_flag_sets_torch_threads_in_the_process(tmp_path):
+    """`--threads 1` reaches torch in the command's own process (seen in its --json output's run
+    record), RAIN_THREADS does the same, and bad values are refused before any model loads."""
+    code = ("import json, sys, torch\n"
+            "from rain_llm.shells import cli\n"
+            "load = cli.load_rain\n"
+            "def spy(args):\n"
+            "    print(json.dumps({'threads': torch.get_num_threads()}), file=sys.stderr)\n"
+            "    raise SystemExit(0)\n"
+            "cli.load_rain = lambda args: (cli.set_threads(args.threads), spy(args))\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+
+    def threads(*args: str, env: dict | None = None) -> int:
+        proc = subprocess.run([sys.executable, "-c", code, "generate", *args, "hi"], capture_output=True, text=True,
+                              env={**ENV, **(env or {})}, timeout=120)
+        return json.loads(proc.stderr.strip().splitlines()[-1])["threads"]
+
+    assert threads("--threads", "1") == 1
+    assert threads(env={"RAIN_THREADS": "1"}) == 1
+    assert threads("--threads", "2", env={"RAIN_THREADS": "1"}) == 2  # the flag wins
+    for args, env, words in [(["--threads", "0"], {}, "invalid --threads 0"),
+                             ([], {"RAIN_THREADS": "many"}, "invalid RAIN_THREADS='many'")]:
+        proc = subprocess.run([sys.executable, "-m", "rain_llm.shells.cli", "generate", *args, "hi"],
+                              capture_output=True, text=True, env={**ENV, **env}, timeout=120)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_progress_writes_lines_to_logs_and_explains_fresh_iterations():
+    log = io.StringIO()
+    progress = Progress(True, every=0.0, stream=log)  # a log, not a terminal: a line whenever one is due
+    info = {"step": 1, "budget": 15, "visits_before": 0, "t_max": 8, "fresh": 15, "nodes": 4, "answer_tokens": 0}
+    for i in range(1, 4):
+        progress({**info, "iteration": i})
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("step 1  iteration 3/15")
+    assert "fresh_iterations=15" in lines[0]  # why t_max 8 runs 15 iterations
+    quiet = io.StringIO()
+    progress = Progress(True, every=3600.0, stream=quiet)  # not due by time: a line per new step only
+    for step in (1, 1, 1, 2):
+        progress({**info, "step": step, "iteration": 1, "budget": 8})
+    assert len(quiet.getvalue().splitlines()) == 2 and "fresh" not in quiet.getvalue()
+
+
+def test_a_file_that_is_not_a_model_and_an_uncached_hub_id_fail_at_once(capsys, tmp_path, monkeypatch):
+    toml = tmp_path / "settings.toml"
+    toml.write_text("t_max = 3\n")
+    assert main(["generate", "--model", str(toml), "hi"]) == 2
+    assert "is a file but not a model" in one_error_line(capsys)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "--model", "no-such-org/no-such-model", "hi"]) == 2
+    line = one_error_line(capsys)
+    assert "not in the local Hugging Face cache" in line and "HF_HUB_OFFLINE" in line
+
+
+def test_bench_table_has_no_nan():
+    from rain_llm.shells.bench import summarise, table
+
+    record = {"answer_tokens": 4, "seconds": 1.0, "forward_passes": 4, "tokens": 40, "lm_tokens": 40, "least_work": 0,
+              "iterations_per_step": [], "compute": {"generate": {"forward_passes": 4, "tokens": 40, "seconds": 1.0}},
+              "final_values": [None]}
+    text = table(summarise({"vanilla": [record]}))
+    assert "nan" not in text and " - " in text
