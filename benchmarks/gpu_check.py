@@ -9,7 +9,7 @@ No weights are available there, so models are random, built from configs, with r
 
 Part 1: tiny Llama and Gemma 3 (sliding window) in float32 and bfloat16 on the device: logits
 through every reuse path against a full forward, and the option scoring.
-Part 1 also checks several contexts in one left-padded batch (decode_groups, score_many) and the
+Part 1 also checks several contexts in one left-padded batch (a decode stream, score_many) and the
 token-level stream (requests joining at different steps) against each alone, and reports whether
 scoring runs fused (one forward).
 Part 2: a Llama-3-8B-shaped model (bf16, vocabulary of the carried tokenizer): vanilla decoding
@@ -66,10 +66,58 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+class Eng:
+    """The transformers backend's engine, driven directly (its reuse paths against full forwards)."""
+
+    def __init__(self, model, tok):
+        from rain_llm.engine.hf.engine import HFEngine
+        from rain_llm.runtime.accounting import Receipt
+        from rain_llm.runtime.text import Codec
+
+        self.engine = HFEngine(model, Codec(tok, [tok.eos_token_id]))
+        self.receipt = Receipt("check")
+        self.fuse_scoring = self.engine.fuse_scoring
+
+    def next_logits(self, ids):
+        return self.engine.prefill(ids, self.receipt)[1].float().cpu().numpy()
+
+    def stream(self):
+        from rain_llm.engine.hf.stream import DecodeStream
+
+        return DecodeStream(self.engine)
+
+    def decode_groups(self, requests):
+        stream = self.stream()
+        for i, (context, rows, uniforms) in enumerate(requests):
+            stream.join(i, context, rows, uniforms, self.receipt)
+        done = {}
+        while stream:
+            done.update(stream.step())
+        return [done[i].samples() for i in range(len(requests))]
+
+    def decode_rows(self, ctx, rows, uniforms=None):
+        return self.decode_groups([(ctx, rows, uniforms)])[0]
+
+    def sample(self, ctx, n, length, *, temperature, top_k, greedy_first):
+        from rain_llm.runtime.backend import Row
+
+        return self.decode_rows(ctx, [Row(length, temperature, top_k, greedy=greedy_first and i == 0)
+                                      for i in range(n)])
+
+    def score_options(self, prefix, suffixes, options):
+        from rain_llm.runtime.backend import Score
+
+        return self.engine.score_one(Score(None, "evaluate", list(prefix), suffixes, tuple(options)), self.receipt)
+
+    def score_many(self, requests):
+        from rain_llm.runtime.backend import Score
+
+        scores = [Score(None, "evaluate", list(p), s, tuple(o)) for p, s, o in requests]
+        return self.engine.score_many(scores, [self.receipt] * len(scores))
+
+
 def correctness(tok, device: str) -> list[dict]:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
-
-    from rain_llm.engine.hf.engine import HFEngine
 
     results = []
     common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_attention_heads=4,
@@ -85,7 +133,7 @@ def correctness(tok, device: str) -> list[dict]:
                                                            layer_types=["sliding_attention"] * 2 + ["full_attention"],
                                                            **common))
             model = model.to(device=device, dtype=dtype).eval()
-            eng = HFEngine(model, tok, stop_ids=[tok.eos_token_id])
+            eng = Eng(model, tok)
 
             def full(ids, model=model):
                 with torch.no_grad():
@@ -103,13 +151,13 @@ def correctness(tok, device: str) -> list[dict]:
             # several contexts in one left-padded batch against each alone (same uniforms)
             import numpy as np
 
-            from rain_llm.engine.base import Row
+            from rain_llm.runtime.backend import Row
 
             contexts = [ctx, ctx[:5], ctx + [17, 18, 19], [3, 9] + ctx[2:8]]
             uniforms = [np.random.default_rng(i).random((2, 5)) for i in range(len(contexts))]
             rows = [Row(5, 1.0, 15, greedy=True), Row(5, 1.0, 15)]
             def fresh(model=model):
-                return HFEngine(model, tok, stop_ids=[tok.eos_token_id])
+                return Eng(model, tok)
 
             batch = fresh().decode_groups([(c, rows, u) for c, u in zip(contexts, uniforms)])
             same = sum(fresh().decode_rows(c, rows, u)[j].tokens == got[j].tokens
@@ -118,8 +166,8 @@ def correctness(tok, device: str) -> list[dict]:
             stream, staggered = fresh().stream(), {}
             for step in range(40):
                 if step < len(contexts):
-                    stream.join(step, contexts[step], rows, uniforms[step])
-                staggered.update(stream.step())
+                    stream.join(step, contexts[step], rows, uniforms[step], eng.receipt)
+                staggered.update({k: r.samples() for k, r in stream.step().items()})
                 if not stream and step >= len(contexts):
                     break
             same_stream = sum(fresh().decode_rows(c, rows, u)[j].tokens == staggered[i][j].tokens
@@ -170,7 +218,7 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
     ids = rain.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                              return_dict=False)
     # random weights rarely emit EOS; stop ids are cleared so every run decodes the full budget
-    rain.engine.stop_ids = frozenset()
+    rain.codec.stop_ids = frozenset()
     with torch.no_grad():  # transformers generate with KV cache: the baseline a user would compare with
         model.generate(torch.tensor([ids], device=device), max_new_tokens=4, do_sample=False)
         sync()
@@ -209,14 +257,15 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
             gens, compute = [], rec["compute"]
         else:
             gens = rain.generate_many(PROMPTS[:b], base, **kw)
-            compute = gens[0].stats.get("batch_compute", gens[0].stats["compute"])
+            compute = (gens[0].stats.batch_compute or gens[0].stats.compute).to_dict()
         sync()
         sec = time.perf_counter() - t
         n = max(rec["answer_tokens"] if name == steady else sum(len(g.token_ids) for g in gens), 1)
-        its = [x for g in gens for x in g.stats.get("iterations_per_step", [])]
+        its = [x for g in gens for x in g.stats.iterations_per_step]
         out[name] = {"s_per_token": sec / n, "answer_tokens": n, "seconds": sec, "batch": min(b, batch),
                      "prompts": b, "iterations_per_step": its, "compute": compute}
-        phases = {k: (c.get("forward_passes"), round(c.get("seconds", 0), 2)) for k, c in compute.items()}
+        phases = {k: (c.get("forward_passes"), round(c.get("seconds", 0), 2)) for k, c in compute.items()
+                  if k != "least_work"}
         print(f"{name:14s} {sec / n * 1000:8.1f} ms/token  {phases}", flush=True)
     v = out["vanilla"]["s_per_token"]
 

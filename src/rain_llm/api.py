@@ -12,6 +12,7 @@ over the model's backend: here the transformers engine, `rain_llm.engine.hf`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -64,6 +65,7 @@ class Rain:
         self._embedder = embedder
         self._embedder_backend: EmbedderBackend | None = None
         self._value_sources: dict[tuple, ValueSource] = {}
+        self._lock = threading.RLock()
         self.templates = Templates()
 
     @classmethod
@@ -101,6 +103,10 @@ class Rain:
         if callable(value):
             return CallableValue(value)
         key = (cfg.value, cfg.template, cfg.eval_format, cfg.value_mode, cfg.reuse_cache)
+        with self._lock:  # answers may be prepared on several threads (the server's handlers)
+            return self._value_source(key, cfg)
+
+    def _value_source(self, key: tuple, cfg: RainConfig) -> ValueSource:
         if key not in self._value_sources:
             chat = has_chat_template(self.tokenizer) if cfg.eval_format == "auto" else cfg.eval_format == "chat"
             if chat and not has_chat_template(self.tokenizer):
@@ -116,7 +122,7 @@ class Rain:
         a user message, or a conversation (chat messages: system first, the last one the user's)."""
         as_messages(prompt)  # first: an empty prompt or a malformed conversation is the error to report
         fmt = prompt_format(self.tokenizer, cfg.prompt_format, cfg.fewshot)
-        context = fmt.render(self.tokenizer, prompt)
+        context = fmt.render(self.codec, prompt)
         window = self.backend.context_window
         if len(context) + cfg.max_new_tokens > window:
             raise RainError(f"prompt too long: {len(context)} tokens plus max_new_tokens={cfg.max_new_tokens} "
@@ -140,15 +146,15 @@ class Rain:
         if cfg.method == "rain" and best_of_n is None:
             setup.embedder = self.embedder_backend
             if isinstance(setup.evaluator, SelfEvaluator):
-                setup.constant = setup.evaluator.constant_ids()
-                setup.constant_cached = self.templates.keep(setup.evaluator.backend, setup.constant)
+                setup.constant = setup.evaluator.constant_ids()  # kept cached once the answer joins a scheduler
         return Answer(setup)
 
     @property
     def embedder_backend(self) -> EmbedderBackend:
-        if self._embedder_backend is None:
-            self._embedder_backend = EmbedderBackend(self.embedder)
-        return self._embedder_backend
+        with self._lock:
+            if self._embedder_backend is None:
+                self._embedder_backend = EmbedderBackend(self.embedder)
+            return self._embedder_backend
 
     def _check_evaluation(self, evaluator: Any, cfg: RainConfig) -> None:
         """The self-evaluation prompts must fit the judging model's context window."""
@@ -238,9 +244,17 @@ class ContinuousBatch:
         for answer in answers:
             self.scheduler.add(answer)
 
+    def add_answer(self, answer: Answer) -> None:
+        """Start an answer prepared elsewhere (`Rain.answer`: e.g. on a server's request thread)."""
+        self.scheduler.add(answer)
+
     def step(self) -> dict[Hashable, Generation]:
         """One round of every answer in flight; the answers finished."""
         return self.scheduler.step()
+
+    def stop(self, key: Hashable) -> Generation | None:
+        """End an answer now (a deadline) with what it committed so far; None if it is not here."""
+        return self.scheduler.stop(key)
 
     def cancel(self, key: Hashable) -> None:
         """Drop an answer that is no longer wanted: its search stops and its cache may go."""

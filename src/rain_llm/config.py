@@ -7,6 +7,7 @@ Sources: "paper" = Li et al., RAIN, ICLR 2024; "official" = SafeAILab/RAIN
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -81,6 +82,12 @@ class RainConfig:
 
         if self.method not in METHODS:
             raise bad("method", f"expected one of {', '.join(METHODS)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
+        if self.seed < 0:
+            raise bad("seed", "must not be negative")
         for name in ("max_new_tokens", "num_candidates", "top_k", "t_max", "max_rollout_tokens",
                      "dynamic_extra_samples", "parallel_leaves"):
             if getattr(self, name) < 1:

@@ -47,6 +47,7 @@ from rain_llm.search import (
     Propose,
     RainSearch,
     SearchRequest,
+    SearchResult,
     SearchStats,
     Tokens,
     Value,
@@ -177,11 +178,18 @@ class Answer:
             self.env = RainEnv(setup, self.compute)
             self.search = RainSearch(self.env, setup.cfg, trace=setup.trace, progress=setup.progress)
             self.method, self.steps = "rain", rain_steps(self.env, self.search)
-        if setup.constant is not None:
-            self.compute.least.add(setup.constant, count=not setup.constant_cached)
         self.started = time.perf_counter()
         self.peak = 1
         self.share = 0.0
+
+    def join(self, templates: Any) -> None:
+        """Joining a scheduler: the evaluation template's constant part is kept cached from now on;
+        where an earlier answer left it cached, it is no work of this one (least work)."""
+        s = self.setup
+        if s.constant is not None:
+            s.constant_cached = templates.keep(s.evaluator.backend, s.constant)
+            self.compute.least.add(s.constant, count=not s.constant_cached)
+        self.started = time.perf_counter()
 
     def backends(self) -> list[Backend]:
         """The backends this answer may keep cache entries on (released when it ends)."""
@@ -192,6 +200,13 @@ class Answer:
     def committed(self) -> list[int]:
         """The tokens committed so far (a RAIN search never revises them)."""
         return list(self.search.answer) if self.search is not None else []
+
+    def partial(self) -> Outcome:
+        """What the answer is if it ends now: the committed tokens and the search so far."""
+        if self.search is None:
+            return Outcome([], self.method)
+        result = SearchResult(tuple(self.search.answer), self.search.stats, [], time.perf_counter() - self.started)
+        return Outcome(self.committed(), self.method, result, self.env.value_cache_hits if self.env else 0)
 
     def generation(self, outcome: Outcome) -> Generation:
         s = self.setup

@@ -56,21 +56,28 @@ class PromptFormat:
     chat: bool
     preamble: str = ""
 
-    def render(self, tokenizer: Any, prompt: Prompt) -> list[int]:
+    def render(self, codec: Any, prompt: Prompt) -> list[int]:
+        """The model's context for `prompt`: the chat template, or the transcript. The messages'
+        text is the user's: special-token strings in it stay text (`Codec.rendered`)."""
         messages = as_messages(prompt)
+        tokenizer = codec.tokenizer
         if self.chat:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        text = self.preamble + "".join(f"{m['content'].strip()}\n\n" for m in messages if m["role"] == "system")
-        for m in messages:
-            if m["role"] == "user":
-                text += f"Human: {m['content'].strip()}\n\nAssistant:"
-            elif m["role"] == "assistant":
-                text += f" {m['content'].strip()}\n\n"
-        return list(tokenizer(text)["input_ids"])
+            def chat(contents: list[str]) -> str:
+                filled = [{"role": m["role"], "content": c} for m, c in zip(messages, contents)]
+                return tokenizer.apply_chat_template(filled, add_generation_prompt=True, tokenize=False)
+
+            return codec.rendered(chat, [m["content"] for m in messages], special=False)
+
+        def transcript(contents: list[str]) -> str:
+            text = self.preamble + "".join(f"{c}\n\n" for m, c in zip(messages, contents) if m["role"] == "system")
+            for m, c in zip(messages, contents):
+                if m["role"] == "user":
+                    text += f"Human: {c}\n\nAssistant:"
+                elif m["role"] == "assistant":
+                    text += f" {c}\n\n"
+            return text
+
+        return codec.rendered(transcript, [m["content"].strip() for m in messages], special=True)
 
     def clean(self, answer: str) -> str:
         """The answer text as shown: a transcript's answer stops before a new user turn."""

@@ -82,6 +82,7 @@ class Scheduler:
         if answer.key in self:
             raise RainError(f"answer {answer.key!r} is already in the batch")
         self.answers[answer.key] = answer
+        answer.join(self.templates)
         for backend in answer.backends():
             self.backends[id(backend)] = backend
         if (generation := self._advance(answer.key, None)) is not None:  # no model call needed
@@ -119,6 +120,16 @@ class Scheduler:
         while self:
             out.update(self.step())
         return out
+
+    def stop(self, key: Hashable) -> Generation | None:
+        """End an answer now with what it has committed (a RAIN search never revises a commit;
+        other methods have committed nothing until they finish)."""
+        answer = self.answers.get(key)
+        if answer is None:
+            return self.done.pop(key, None)
+        outcome = answer.partial()
+        self.cancel(key)
+        return answer.generation(outcome)
 
     def cancel(self, key: Hashable) -> None:
         """Drop an answer that is no longer wanted: its requests stop and its cache may go."""

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from rain_llm.config import PRESETS, RainConfig, load_config
 from rain_llm.errors import RainError
+from rain_llm.shells.protocol import Limits
 from rain_llm.values.templates import load_template
 
 HELP = {
@@ -176,6 +177,30 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                      help="most requests answered at once, in one continuous batch (default 16)")
     srv.add_argument("--batch-window", type=float, default=0.05, metavar="SECONDS",
                      help="how long the first queued request waits for others to join its batch (default 0.05)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes (visible to "
+                     "other users in the process list: prefer --api-key-env)")
+    srv.add_argument("--api-key-env", default=None, metavar="VAR", help="take the API key from this environment "
+                     "variable (default: RAIN_API_KEY when it is set; else no key is asked for)")
+    limits = srv.add_argument_group("limits (per request, and the server's)")
+    defaults = Limits()
+    for name, kind, text in [
+            ("max_tokens", int, "most answer tokens a request may ask for"),
+            ("max_t_max", int, "largest t_max (and fresh_iterations)"),
+            ("max_parallel_leaves", int, "largest parallel_leaves"),
+            ("max_candidates", int, "largest num_candidates, sample_attempts, dynamic_extra_samples"),
+            ("max_rollout_tokens", int, "largest max_rollout_tokens"),
+            ("max_token_set_length", int, "longest token set"),
+            ("max_queue", int, "requests that may wait for a place in the batch; more get 429 with Retry-After"),
+            ("request_timeout", float, "seconds from a request's arrival to its deadline: then it gets the "
+                                       "answer committed so far, finish_reason 'timeout'"),
+            ("max_body_bytes", int, "largest request body (413 beyond)"),
+            ("max_prompt_bytes", int, "largest prompt, checked before tokenising"),
+            ("header_timeout", float, "seconds a client has to send a request's headers"),
+            ("body_timeout", float, "seconds a client has to send a request's body (408 after)")]:
+        limits.add_argument(Limits.FLAGS[name], dest=f"limit_{name}", type=kind, default=None,
+                            metavar="N" if kind is int else "X", help=f"{text} (default {getattr(defaults, name):g})")
+    limits.add_argument("--grace", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM or Ctrl-C: how "
+                        "long answers in flight may take to finish (default 30)")
     _add_model_flags(srv, device_map=True)
     _add_config_flags(srv)
 
@@ -391,6 +416,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
+    from rain_llm.shells.server import RainServer, api_key_from, check_port
+
     overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
     cfg = load_config(args.preset, args.config, **overrides)
     if not 0 <= args.port <= 65535:
@@ -399,17 +426,36 @@ def run_serve_command(args: argparse.Namespace) -> int:
         raise RainError(f"invalid --max-batch {args.max_batch}: must be at least 1")
     if args.batch_window < 0:
         raise RainError(f"invalid --batch-window {args.batch_window}: must not be negative")
+    if args.grace < 0:
+        raise RainError(f"invalid --grace {args.grace}: must not be negative")
+    chosen = {k[len("limit_"):]: v for k, v in vars(args).items() if k.startswith("limit_") and v is not None}
+    # the compute budget flags are the server's default and the cap no request may exceed
+    for name in ("max_search_seconds", "max_search_tokens"):
+        if getattr(cfg, name):
+            chosen[name] = getattr(cfg, name)
+    limits = Limits(**chosen).check()
+    key = args.api_key or api_key_from(args.api_key_env or ("RAIN_API_KEY" if os.environ.get("RAIN_API_KEY") else None))
     if cfg.method == "rain":
         load_template(cfg.template)  # fail before the model loads
-    from rain_llm.shells.server import RainServer, check_port
-
     check_port(args.host, args.port)  # a busy port is reported before a large model loads, not after
-    rain = load_rain(args)
-    server = RainServer(rain, cfg, host=args.host, port=args.port, model_name=args.served_name,
-                        max_batch=args.max_batch, batch_window=args.batch_window)
-    print(f"rain: serving {server.model_name!r} at {server.url} (POST /chat/completions; up to {args.max_batch} "
-          "requests at once; Ctrl-C stops)", file=sys.stderr, flush=True)
-    server.serve_forever()
+    server = RainServer(None, cfg, host=args.host, port=args.port, model_name=args.served_name or args.model or
+                        "default", max_batch=args.max_batch, batch_window=args.batch_window, limits=limits,
+                        api_key=key, grace=args.grace, loader=lambda: load_rain(args))
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"rain: warning: listening on {args.host} without an API key (--api-key-env)", file=sys.stderr)
+
+    def listening() -> None:
+        print(f"rain: loading {args.model or 'the default model'}; {server.url.removesuffix('/v1')}/health "
+              "says when it is ready", file=sys.stderr, flush=True)
+
+    def ready() -> None:
+        print(f"rain: serving {server.model_name!r} at {server.url} (POST /chat/completions; up to {args.max_batch} "
+              f"requests at once, {limits.max_queue} waiting; /health, /metrics; Ctrl-C stops)", file=sys.stderr,
+              flush=True)
+
+    server.serve_forever(on_listening=listening, on_ready=ready)
+    if server.failed:
+        raise RainError(server.failed)
     return 0
 
 

@@ -11,6 +11,7 @@ Both option orders are scored as one batch; the value is in [-1, 1]:
 
 from __future__ import annotations
 
+import secrets
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -100,31 +101,40 @@ class SelfEvaluator:
         self.template = template
         self.mode = mode
         before, after = template.split()
-        head = before[:before.index("{prompt}")] if "{prompt}" in before else before
-        before = before.replace("{prompt}", prompt.strip())
         g, b = template.good, template.bad
         afters = [after.replace("{option_a}", g).replace("{option_b}", b),  # good option listed first
                   after.replace("{option_a}", b).replace("{option_b}", g)]  # harmful option first
+        # The evaluation prompt, cut at two random placeholders (no user text can hold them): the
+        # constant head (instructions, examples: kept cached across prompts), the prompt, the text
+        # between prompt and response, the response; then the options (suffixes).
+        p_hold, r_hold = (f"\x00{secrets.token_hex(8)}\x00" for _ in range(2))
+        content = (before if "{prompt}" in before else "{prompt}" + before).replace("{prompt}", p_hold) + r_hold
+        if "{prompt}" not in before:  # a template that does not quote the prompt
+            content = content.replace(p_hold, "")
+            p_hold = ""
         if chat:  # the judgement is a user turn; the answer prefix opens the assistant's reply
-            marker = "\x00RAIN_RESPONSE\x00"
-            rendered = chat_template(before + marker)
-            chat_head, _, tail = rendered.partition(marker)
-            # the chat template wraps the content verbatim in most models; if not, keep the whole head
-            self.head = chat_head[:len(chat_head) - len(before)] + head if chat_head.endswith(before) else chat_head
-            self.before = chat_head
-            self.afters = [a + tail + template.answer_prefix for a in afters]
+            rendered = chat_template(content)
+            self.afters = [a + rendered.partition(r_hold)[2] + template.answer_prefix for a in afters]
             self.special = False
         else:
-            self.head = head
-            self.before = before
+            rendered = content
             self.afters = [a + "\n" + template.answer_prefix for a in afters]
             self.special = True
+        if r_hold not in rendered or (p_hold and p_hold not in rendered):
+            raise RainError("the chat template rewrites message text: the evaluation prompt cannot be assembled")
+        head_and_prompt, _, _ = rendered.partition(r_hold)
+        self.head, _, self.mid = head_and_prompt.partition(p_hold) if p_hold else (head_and_prompt, "", "")
+        self.prompt = prompt.strip() if p_hold else ""
         self.suffix_ids = [codec.encode(a) for a in self.afters]
         self.option_ids = option_token_ids(codec, template.answer_prefix, template.letters)
 
     def prefix_ids(self, response: str) -> list[int]:
-        """Token ids of the evaluation prompt up to the end of `response`."""
-        return self.codec.encode(self.before + response.strip(), special=self.special)
+        """Token ids of the evaluation prompt up to the end of `response`. The prompt and the
+        response are user (and model) text: special-token strings in them stay text."""
+        def text(spans: list[str]) -> str:
+            return self.head + spans[0] + self.mid + spans[1]
+
+        return self.codec.rendered(text, [self.prompt, response.strip()], special=self.special)
 
     def request(self, response: str, owner: Any = None) -> Score:
         """The scoring request for `response`: both option orders after its evaluation prompt."""
@@ -148,7 +158,7 @@ class SelfEvaluator:
     def constant_ids(self) -> list[int]:
         """The part of the evaluation prompt that no prompt or answer changes: instructions and
         examples, kept cached from one prompt to the next."""
-        return self.codec.encode(self.head, special=self.special)[:-1]
+        return self.codec.encode(self.head, special=self.special)[:-1]  # no user text in it
 
 
 def value_from_probabilities(p: np.ndarray, mode: str) -> float:
