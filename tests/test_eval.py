@@ -222,3 +222,31 @@ def test_batched_eval_gives_the_same_answers_and_resumes(rain, tmp_path):
 def test_bad_batch_size(tmp_path):
     with pytest.raises(Exception, match="invalid --batch"):
         EvalSettings(task="hh", out=tmp_path / "x.jsonl", batch=0).validate()
+
+
+def test_a_cut_last_line_is_moved_aside_not_appended_onto(tmp_path):
+    """A results file whose last line a crash cut off: the next run moves the fragment aside with a
+    warning, answers that example again, and the file stays valid JSON lines for `rain report`."""
+    out = tmp_path / "adv.jsonl"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO, *eval_cmd(out)[3:]], env=ENV,
+                            capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    whole = out.read_text()
+    out.write_text(whole + whole.splitlines()[0][:40])  # half a record, no newline: a cut write
+    done = subprocess.run(eval_cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "was cut off" in done.stderr and "moved to" in done.stderr
+    lines = out.read_text().splitlines()
+    assert [json.loads(x) for x in lines] and len(lines) == 6  # every line parses: nothing appended onto the fragment
+    (aside,) = tmp_path.glob("adv.jsonl.cut-*")
+    assert aside.read_text() == whole.splitlines()[0][:40]
+    report = run_cli("report", str(out), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+
+
+def test_out_that_is_a_folder_or_unwritable_fails_before_any_answer(tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert_one_line(run_cli(*eval_cmd(folder)[3:]), "is a folder, not a results file")
+    proc = run_cli(*eval_cmd(Path("/proc/rain-results/adv.jsonl"))[3:])  # a place nothing can be written
+    assert_one_line(proc, "cannot write results file")

@@ -218,6 +218,30 @@ def check_task(records: list[Record], out: Path, task: str) -> None:
                         "pick another --out")
 
 
+def prepare_out(out: Path) -> None:
+    """Before any answer is computed: the results file must be writable (one clear line if not), and
+    a last line cut by a crash is moved aside (with a warning), never appended onto."""
+    if out.is_dir():
+        raise RainError(f"--out {out} is a folder, not a results file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("ab"):
+            pass
+    except OSError as err:
+        raise RainError(f"cannot write results file {out}: {err.strerror or err}") from None
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        aside = out.with_name(f"{out.name}.cut-{int(time.time())}")
+        aside.write_bytes(data[keep:])
+        with out.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"rain: warning: the last line of {out} was cut off (a crash?): moved to {aside}; it will be answered "
+              "again", file=sys.stderr)
+
+
 def append(out: Path, record: Record) -> None:
     """One line, flushed to disk before the next example starts."""
     with out.open("a") as f:
@@ -232,7 +256,7 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     cfg = task_config(task, cfg)
     examples = select(load_examples(task, settings.source, variant=settings.variant),
                       limit=settings.limit, shard=settings.shard)
-    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    prepare_out(settings.out)
     existing = read_records(settings.out) if settings.out.exists() else []
     check_task(existing, settings.out, task)
     done = {(str(r.id), r.method) for r in existing}

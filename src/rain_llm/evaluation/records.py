@@ -66,6 +66,8 @@ class Record:
 def read_records(path: str | Path) -> list[Record]:
     """All records of a results file; a clear error for a file that is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise RainError(f"{path} is a folder, not a results file")
     if not path.is_file():
         raise RainError(f"results file not found: {path}")
     out = []
