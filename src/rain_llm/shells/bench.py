@@ -5,9 +5,12 @@ vanilla; forward passes and tokens processed per answer token; the ratio of toke
 least work the search needed; per phase: forward passes, tokens, seconds; the self-evaluation of the
 final answers (how the value that steers RAIN rates each method's output, e.g. P > 1 against P = 1).
 A method name ending in -bN answers the prompts N at a time through a continuous batch (searches
-stepped token by token; "rain-rounds-bN": whole iterations in lockstep, for comparison). `--random llama3-8b`
-builds a random-weight model of Llama-3-8B's shape (bf16 on a GPU) with a real tokenizer, for speed
-work where no weights can be downloaded.
+stepped token by token; "rain-rounds-bN": whole iterations in lockstep, for comparison). A method
+prefixed "vllm:" runs on the vLLM servers at --engine-url, in the same run and with the same prompts
+and settings; its rows also give HTTP requests per answer token and the HTTP overhead per request
+(the median time of a trivial max_tokens=1 request, measured once). `--random llama3-8b` builds a
+random-weight model of Llama-3-8B's shape (bf16 on a GPU) with a real tokenizer, for speed work
+where no weights can be downloaded.
 """
 
 from __future__ import annotations
@@ -78,37 +81,54 @@ def random_rain(shape: str, device: str, tokenizer: str | Path | None = None,
 
 
 def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str, dict[str, Any]],
-              log: Any = sys.stderr) -> dict[str, Any]:
+              log: Any = sys.stderr, engines: dict[str, Rain] | None = None) -> dict[str, Any]:
     """Each method on each prompt (after one warm-up per method); a summary per method. A method
     with "batch": B answers all the prompts through a continuous batch with B in flight (a new
-    prompt joins as soon as one is answered, as in `rain eval --batch` and `rain serve`)."""
+    prompt joins as soon as one is answered, as in `rain eval --batch` and `rain serve`). A method
+    with "engine": E runs on `engines[E]` (a remote backend: its HTTP requests are counted)."""
+    engines = engines or {}
     for name, kw in methods.items():
         kw = dict(kw)
         batch = kw.pop("batch", 1)
+        runner = engines.get(kw.pop("engine", ""), rain)
         print(f"[{name}] warm-up", file=log, flush=True)
-        rain.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
+        runner.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
+    remote = {e: {"engine": r.backend.name, "servers": r.backend.servers, "http_overhead_s": r.backend.ping()}
+              for e, r in engines.items() if hasattr(r.backend, "ping")}  # measured once, after the warm-ups
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for name, kw in methods.items():
         kw = dict(kw)
         batch = kw.pop("batch", 1)
+        runner = engines.get(kw.pop("engine", ""), rain)
         schedule = kw.pop("schedule", "token")  # how batched searches are stepped; one prompt has none
         if batch > 1:
-            runs[name].append(run_continuous(rain, cfg.replace(**kw), prompts, batch, schedule, name, log))
+            runs[name].append(run_continuous(runner, cfg.replace(**kw), prompts, batch, schedule, name, log))
             rec = runs[name][-1]
             print(f"[{name}] {len(prompts)} prompts, {batch} at a time: {rec['answer_tokens']:4d} tokens "
                   f"{rec['seconds']:8.2f}s {rec['tokens']:8d} tokens processed", file=log, flush=True)
             continue
         for i, prompt in enumerate(prompts):
             _sync()
+            calls = getattr(runner.backend, "http_requests", None)
             start = time.perf_counter()
-            (out,) = rain.generate_many([prompt], cfg, **kw)
+            (out,) = runner.generate_many([prompt], cfg, **kw)
             _sync()
             seconds = time.perf_counter() - start
             compute = out.stats.compute.to_dict()
-            runs[name].append(_record([prompt], [out], seconds, compute, [final_value(rain, cfg, prompt, out.text)]))
+            runs[name].append(_count_requests(_record([prompt], [out], seconds, compute, []), runner, calls))
+            runs[name][-1]["final_values"] = [final_value(runner, cfg, prompt, out.text)]  # after counting
             print(f"[{name}] prompt {i + 1} of {len(prompts)}: {len(out.token_ids):4d} tokens "
                   f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
-    return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()})}
+    overhead = {m: remote[kw["engine"]]["http_overhead_s"] for m, kw in methods.items() if kw.get("engine") in remote}
+    return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()}, overhead),
+            "engines": remote}
+
+
+def _count_requests(record: dict[str, Any], rain: Rain, before: int | None) -> dict[str, Any]:
+    """A remote backend's HTTP requests during the run, into its record."""
+    if before is not None:
+        record["http_requests"] = rain.backend.http_requests - before
+    return record
 
 
 def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, schedule: str = "token",
@@ -117,6 +137,7 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, 
     (compute: the answers' work merged, each forward pass counted once)."""
     cb = rain.continuous_batch(schedule)
     queue, outs = list(enumerate(prompts)), {}
+    calls = getattr(rain.backend, "http_requests", None)
     _sync()
     start = time.perf_counter()
     while queue or cb:
@@ -132,9 +153,10 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, 
     _sync()
     seconds = time.perf_counter() - start
     answers = [outs[i] for i in range(len(prompts))]
-    values = [final_value(rain, cfg, p, o.text) for p, o in zip(prompts, answers)]
     whole = Compute.merged(o.stats.compute for o in answers)
-    return _record(prompts, answers, seconds, whole.to_dict(), values)
+    record = _count_requests(_record(prompts, answers, seconds, whole.to_dict(), []), rain, calls)
+    record["final_values"] = [final_value(rain, cfg, p, o.text) for p, o in zip(prompts, answers)]  # after counting
+    return record
 
 
 def _record(prompts: list[str], outs: list[Any], seconds: float, compute: dict[str, Any],
@@ -163,8 +185,10 @@ def final_value(rain: Rain, cfg: RainConfig, prompt: str, text: str) -> float | 
     return float(source.bind(prompt).value(text))
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]],
-              batches: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | None = None,
+              overhead: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Per method: seconds, forward passes and tokens per answer token, ...; for methods on a remote
+    engine (`overhead`: its HTTP overhead per request), HTTP requests per answer token too."""
     out: dict[str, dict[str, Any]] = {}
     for name, recs in runs.items():
         answer = sum(r["answer_tokens"] for r in recs) or 1
@@ -190,8 +214,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]],
             "final_value_sd": statistics.stdev(values) if len(values) > 1 else None,
             "phases": phases,
         }
-    base = out.get("vanilla")
+        if all("http_requests" in r for r in recs) and recs:
+            out[name]["requests_per_token"] = sum(r["http_requests"] for r in recs) / answer
+            out[name]["http_overhead_s"] = (overhead or {}).get(name)
     for name, s in out.items():
+        engine = name.split(":", 1)[0] + ":" if ":" in name else ""
+        base = out.get(engine + "vanilla") or out.get("vanilla")  # vllm:rain against vllm:vanilla
         s["x_vanilla"] = s["seconds_per_token"] / base["seconds_per_token"] if base else None
         batch = (batches or {}).get(name, 1)
         s["batch"] = batch
@@ -207,13 +235,18 @@ def unbatched_name(name: str) -> str:
 
 def table(summary: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'method':16s} {'s/token':>9s} {'x vanilla':>9s} {'fwd/token':>10s} {'tok/token':>10s} "
-             f"{'iter/step':>9s} {'LM tok/least':>12s} {'thru x B=1':>10s} {'value':>7s}"]
+             f"{'req/token':>9s} {'iter/step':>9s} {'LM tok/least':>12s} {'thru x B=1':>10s} {'value':>7s}"]
     for name, s in summary.items():
         least = s["lm_tokens_over_least_work"]
+        remote = "requests_per_token" in s  # a remote engine: no forward passes seen, HTTP requests instead
         lines.append(f"{name:16s} {s['seconds_per_token']:9.4f} {_cell(s['x_vanilla'], 9, 2)} "
-                     f"{s['forward_passes_per_token']:10.1f} {s['tokens_per_token']:10.1f} "
+                     f"{_cell(None if remote else s['forward_passes_per_token'], 10, 1)} "
+                     f"{s['tokens_per_token']:10.1f} {_cell(s.get('requests_per_token'), 9, 1)} "
                      f"{_cell(s['iterations_per_step'], 9, 1)} {_cell(least, 12, 2)} "
                      f"{_cell(s.get('throughput_x_unbatched'), 10, 2)} {_cell(s.get('final_value'), 7, 3)}")
+    overheads = {s["http_overhead_s"] for s in summary.values() if s.get("http_overhead_s") is not None}
+    for seconds in sorted(overheads):
+        lines.append(f"HTTP overhead per request (median of trivial max_tokens=1 requests): {seconds * 1000:.1f} ms")
     lines.append("per phase (forward passes / tokens / seconds):")
     for name, s in summary.items():
         parts = [f"{p} {c['forward_passes']}/{c['tokens']}/{c['seconds']:.2f}" for p, c in sorted(s["phases"].items())]

@@ -109,6 +109,13 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, preset: str | None = No
                        "jobs, 1 is often much faster")
     if device_map:
         group.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
+    group.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="hf: transformers in this process "
+                       "(default); vllm: vLLM servers at --engine-url (then --model, optional, names the tokenizer "
+                       "folder or name; default: the folder the server loaded)")
+    group.add_argument("--engine-url", action="append", default=None, metavar="URL", help="base URL of a vLLM "
+                       "server, e.g. http://127.0.0.1:8000; repeat for several servers (each answer stays on one)")
+    group.add_argument("--engine-key-env", default="RAIN_ENGINE_KEY", metavar="NAME", help="environment variable "
+                       "holding the vLLM server's --api-key, if it has one (default RAIN_ENGINE_KEY)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -241,9 +248,20 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def load_rain(args: argparse.Namespace) -> Any:
-    """The model a command runs, from its model flags (threads set first)."""
+def load_rain(args: argparse.Namespace, *, engine: str | None = None) -> Any:
+    """The model a command runs, from its model flags (threads set first): in this process, or
+    (--engine vllm) on the vLLM servers at --engine-url. `engine` overrides --engine (bench)."""
     set_threads(args.threads)
+    engine = engine or args.engine
+    if engine == "vllm":
+        if not args.engine_url:
+            raise RainError("--engine vllm (or a vllm: bench method) needs --engine-url URL (a vLLM server's base "
+                            "URL, e.g. http://127.0.0.1:8000)")
+        from rain_llm.engine.vllm import connect
+
+        return connect(args.engine_url, tokenizer=args.model, key_env=args.engine_key_env)
+    if args.engine_url and args.command != "bench":
+        raise RainError("--engine-url is for --engine vllm: add --engine vllm, or drop --engine-url")
     from rain_llm.api import Rain  # heavy imports only once the arguments are known good
 
     return Rain.load(args.model, device=args.device, dtype=args.dtype,
@@ -382,8 +400,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config, **overrides)
     methods: dict[str, dict[str, Any]] = {}
     for m in [m for m in args.methods.split(",") if m]:
-        base, batch = m, 1
-        if (found := re.fullmatch(r"(.+)-b([0-9]+)", m)) and int(found.group(2)) >= 1:
+        engine, base, batch = ("vllm", m[5:], 1) if m.startswith("vllm:") else ("", m, 1)
+        if (found := re.fullmatch(r"(.+)-b([0-9]+)", base)) and int(found.group(2)) >= 1:
             base, batch = found.group(1), int(found.group(2))
         if base == "vanilla":
             kw: dict[str, Any] = {"method": "vanilla"}
@@ -397,16 +415,19 @@ def run_bench_command(args: argparse.Namespace) -> int:
             kw = {"parallel_leaves": int(base[6:])}
         else:
             raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN, rain-rounds; "
-                            "-bN after any: N prompts at once)")
-        methods[m] = kw | ({"batch": batch} if batch > 1 else {})
+                            "-bN after any: N prompts at once; vllm: before any: on the vLLM servers at --engine-url)")
+        methods[m] = kw | ({"batch": batch} if batch > 1 else {}) | ({"engine": engine} if engine else {})
     if args.prompts < 1:
         raise RainError(f"invalid --prompts {args.prompts}: must be at least 1")
+    engines = {"vllm": load_rain(args, engine="vllm")} if any(kw.get("engine") for kw in methods.values()) else {}
     if args.random:
         set_threads(args.threads)
         rain = random_rain(args.random, pick_device(args.device), args.tokenizer, args.embedder)
+    elif engines and (args.engine == "vllm" or all(kw.get("engine") for kw in methods.values())):
+        rain = engines["vllm"]  # no method runs in this process: no local model to load
     else:
         rain = load_rain(args)
-    result = run_bench(rain, cfg, bench_prompts(args.prompts), methods)
+    result = run_bench(rain, cfg, bench_prompts(args.prompts), methods, engines=engines)
     print(table(result["summary"]))
     if args.out:
         write_json(Path(args.out), {"command": " ".join(sys.argv), "machine": machine(), "model": rain.name,
