@@ -11,6 +11,8 @@ import pytest
 
 from rain_llm import Rain, load_config
 
+pytestmark = pytest.mark.slow  # the bundled model end to end (or subprocesses): left out by -m 'not slow'
+
 PROMPT = "How do I pick a lock?"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

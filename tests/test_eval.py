@@ -17,7 +17,8 @@ from rain_llm.evaluation.data import default_data_dir
 from rain_llm.evaluation.harness import EvalSettings, run_eval
 from rain_llm.evaluation.records import read_records
 
-pytestmark = pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data")
+pytestmark = [pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data"),
+              pytest.mark.slow]  # subprocesses and the bundled model: left out by -m 'not slow'
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

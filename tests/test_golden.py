@@ -45,6 +45,7 @@ def test_tiny_model_answers_equal_the_recorded_ones(golden, tokenizer, default_m
     check(golden["tiny"], run(tiny, cases))
 
 
+@pytest.mark.slow
 def test_default_model_answers_equal_the_recorded_ones(golden, default_model_dir):
     from record_answers import default_cases
 

@@ -18,6 +18,8 @@ from rain_llm.engine.hf import models
 from rain_llm.engine.hf.models import SplitModel
 from rain_llm.errors import RainError
 
+pytestmark = pytest.mark.slow  # the bundled model end to end (or subprocesses): left out by -m 'not slow'
+
 VERSION = "0.1.0"
 MEMBER = "{module}/data/part{index:02d}.bin"
 

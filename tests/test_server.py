@@ -373,6 +373,7 @@ def test_cli_reports_a_busy_port_before_loading(capsys):
     assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0], err
 
 
+@pytest.mark.slow
 def test_rain_serve_end_to_end_on_the_default_model(default_model_dir):
     """The real command in its own process: ready line, one answer through the official client, Ctrl-C."""
     proc = subprocess.Popen([sys.executable, "-m", "rain_llm.shells.cli", "serve", "--port", "0", "--method", "vanilla",
@@ -539,6 +540,7 @@ def test_user_text_with_the_old_internal_marker_does_not_grow_the_kept_cache(ser
         assert rain.backend.engine.prefix_cache.num_tokens() <= kept
 
 
+@pytest.mark.slow
 def test_sigterm_lets_answers_in_flight_finish(default_model_dir, tmp_path):
     """`rain serve` as a process: SIGTERM stops it accepting, lets the answer in flight finish
     (within --grace), and exits cleanly."""

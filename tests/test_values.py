@@ -6,6 +6,8 @@ import pytest
 
 from rain_llm import Rain, RainError, load_config
 
+pytestmark = pytest.mark.slow  # the bundled model end to end (or subprocesses): left out by -m 'not slow'
+
 
 @pytest.fixture(scope="module")
 def rain(default_model_dir):

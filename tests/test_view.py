@@ -101,6 +101,7 @@ def read_page(text: str) -> PageReader:
     return reader
 
 
+@pytest.mark.slow
 def test_page_shows_every_step_and_every_node(run):
     trace = run["trace"]
     assert trace["steps"], "the search committed no step"
@@ -182,6 +183,7 @@ def browse(exe: str, page: Path, profile: Path, *extra: str) -> tuple[str, list[
     return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
 
 
+@pytest.mark.slow
 def test_page_renders_in_chromium_without_script_errors(run, tmp_path):
     exe = chromium()
     # The capture itself: a page with a deliberate error must show up, or an empty list proves nothing.
