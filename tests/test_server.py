@@ -453,6 +453,30 @@ def test_a_full_queue_answers_429_with_retry_after(rain):
         answers_normally(srv)
 
 
+def test_the_queue_bound_holds_for_requests_that_arrive_together(rain):
+    """32 requests at once against --max-queue 4 (none admitted meanwhile): 4 wait and are answered,
+    28 get 429; requests still being tokenised count against the bound."""
+    from rain_llm.shells.protocol import Limits
+
+    with RainServer(rain, load_config("fast", max_new_tokens=2), port=0, max_batch=1, limits=Limits(max_queue=4),
+                    log=Log()) as srv:
+        srv.worker.hold()
+        results: list[int] = []
+        body = json.dumps({**CHAT, "max_tokens": 2}).encode()
+        threads = [threading.Thread(target=lambda: results.append(raw(srv, "POST", "/v1/chat/completions", body)[0]))
+                   for _ in range(32)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while len(results) + srv.worker.waiting.qsize() < 32 and time.monotonic() < deadline:
+            time.sleep(0.01)  # every request refused or waiting
+        assert srv.worker.waiting.qsize() == 4 and results.count(429) == 28
+        srv.worker.release()
+        for thread in threads:
+            thread.join()
+        assert sorted(results) == [200] * 4 + [429] * 28
+
+
 def test_a_request_past_its_deadline_gets_what_was_committed(rain):
     """The deadline runs from arrival: a request that waited past it is stopped at its first round
     and answered with what it committed (nothing yet), finish_reason "timeout"."""

@@ -430,6 +430,7 @@ class RainServer:
         self.ready = threading.Event()
         self.failed: str | None = None
         self.shutting_down = False
+        self.preparing = 0  # requests past their checks, being tokenised (they count against --max-queue)
         self.worker = Worker(self)
         protocol = type("RainH11", (_HeaderTimeoutH11,), {"header_timeout": self.limits.header_timeout})
         self.uvicorn = uvicorn.Server(uvicorn.Config(
@@ -512,9 +513,10 @@ class RainServer:
             raise RequestError(503, "the server is shutting down", "server_error")
         body = await self._body(request)
         job = parse_chat(body, self.config, self.model_name, self.limits)
-        if self.worker.waiting.qsize() >= self.limits.max_queue:
-            raise RequestError(429, f"the server is busy: {self.worker.waiting.qsize()} requests are waiting "
-                               f"(rain serve --max-queue {self.limits.max_queue}); retry later", "rate_limit_error",
+        waiting = self.worker.waiting.qsize() + self.preparing  # those still being tokenised hold a place too
+        if waiting >= self.limits.max_queue:
+            raise RequestError(429, f"the server is busy: {waiting} requests are waiting (rain serve --max-queue "
+                               f"{self.limits.max_queue}); retry later", "rate_limit_error",
                                headers={"Retry-After": str(self._retry_after())})
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -523,11 +525,14 @@ class RainServer:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         pending = Pending(job, emit, events, job.arrived + self.limits.request_timeout)
+        self.preparing += 1  # on the event loop: no lock needed
         try:  # rendered and tokenised here, not on the model's thread; the batch knows it by its request
             pending.answer = await run_in_threadpool(self.rain.answer, pending, job.prompt, job.cfg)
+            self.worker.submit(pending)
         except RainError as err:
             raise RequestError(400, str(err)) from None
-        self.worker.submit(pending)
+        finally:
+            self.preparing -= 1
         return pending
 
     async def _body(self, request: Request) -> Any:
