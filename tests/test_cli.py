@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,34 @@ def test_threads_flag_sets_torch_threads_in_the_process(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "rain_llm.shells.cli", "generate", *args, "hi"],
                               capture_output=True, text=True, env={**ENV, **env}, timeout=120)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rain_sets_openmp_passive_wait_before_torch_loads():
+    """The CLI makes OpenMP threads sleep instead of spin while waiting (README "Threads"): libgomp
+    reads OMP_WAIT_POLICY once, when torch loads it, so the CLI must set it before torch is imported;
+    libgomp's own report (OMP_DISPLAY_ENV=VERBOSE) shows the spin count it took. A policy the user
+    set is kept."""
+    code = ("import sys\n"
+            "from rain_llm.shells import cli\n"
+            "assert 'torch' not in sys.modules, 'torch loaded before the CLI could set the wait policy'\n"
+            "def spy(args):\n"
+            "    import torch\n"
+            "    torch.ones(1 << 16).sum()\n"
+            "    raise SystemExit(0)\n"
+            "cli.load_rain = spy\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+
+    def spin_count(env: dict) -> int:
+        proc = subprocess.run([sys.executable, "-c", code, "generate", "hi"], capture_output=True, text=True,
+                              env={**{k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}, **env,
+                                   "OMP_DISPLAY_ENV": "VERBOSE"}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr)
+        assert found, proc.stderr
+        return int(found.group(1))
+
+    assert spin_count({}) == 0  # passive: no spinning
+    assert spin_count({"OMP_WAIT_POLICY": "ACTIVE"}) > 300000  # the user's choice stands
 
 
 def test_progress_writes_lines_to_logs_and_explains_fresh_iterations():

@@ -105,8 +105,8 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, preset: str | None = No
     group.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
                        "bfloat16, float16 (default auto)")
     group.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: "
-                       "$RAIN_THREADS, else torch's default of one per core); on a machine shared with other "
-                       "jobs, 1 is often much faster")
+                       "$RAIN_THREADS, else torch's default of one per core); idle threads sleep rather than spin "
+                       "(OMP_WAIT_POLICY=PASSIVE unless set), so a shared machine costs little; see README")
     if device_map:
         group.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
     group.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="hf: transformers in this process "
@@ -515,6 +515,10 @@ def run_models_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that wait by sleeping, not spinning, unless the user chose: beside a busy
+    # neighbour, spinning threads made a search 3.4x slower at 2 threads (results/threads_cpu.json;
+    # README "Threads"). libgomp reads this once, when torch loads it, so it is set before any import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser, commands = build_parser()
