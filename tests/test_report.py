@@ -10,7 +10,7 @@ import pytest
 
 from rain_llm.errors import RainError
 from rain_llm.evaluation.records import Record
-from rain_llm.evaluation.report import ci_mean, ci_proportion, write_report
+from rain_llm.evaluation.report import ci_mean, ci_proportion, score_vs_compute_panels, summarise, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -178,9 +178,19 @@ def test_plot_skipped_with_note_when_scores_missing(tmp_path):
     out = write_report([write(tmp_path / "a.jsonl", recs)], tmp_path / "out")
     assert "harmless_vs_helpful.png" in out["skipped_plots"]
     assert not (tmp_path / "out" / "harmless_vs_helpful.png").exists()
-    assert "score_vs_compute.png" in out["plots"]  # 1 - ASR against compute still applies
+    assert "score_vs_compute.png" in out["plots"]  # attack success against compute still applies
     md = (tmp_path / "out" / "report.md").read_text()
     assert "harmless_vs_helpful.png: skipped, no task has both" in md
+
+
+def test_score_vs_compute_plots_attack_success_per_method():
+    """AdvBench's panel is attack success itself (not 1 - ASR) against each method's forward tokens."""
+    recs = [record("advbench", str(i), m, {"jailbroken": float(i < k)}, tokens=tokens)
+            for m, k, tokens in (("vanilla", 3, 80), ("rain", 1, 4000), ("best-of-n", 2, 3900)) for i in range(4)]
+    [(task, label, points)] = score_vs_compute_panels(summarise(recs))
+    assert task == "advbench" and label == "attack success rate (ASR)"
+    got = {m: (x.mean, y.mean) for m, x, y in points}
+    assert got == {"vanilla": (80, 0.75), "rain": (4000, 0.25), "best-of-n": (3900, 0.5)}
 
 
 def test_score_vs_compute_skipped_without_main_score(tmp_path):

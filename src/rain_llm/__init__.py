@@ -14,7 +14,8 @@ _EXPORTS = {
     "AnswerStats": "rain_llm.runtime.answers", "Generation": "rain_llm.runtime.answers",
     "RainSearch": "rain_llm.search", "SearchEnv": "rain_llm.search",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["Rain", "ContinuousBatch", "Generation", "AnswerStats", "RainConfig", "load_config", "PRESETS",
+           "RainError", "RainSearch", "SearchEnv"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

@@ -44,8 +44,10 @@ LABELS = {
 
 # (score key, plotted as 1 - score, axis label), first match wins.
 HARMLESSNESS = (("harmless", False, "harmless"), ("harmful", True, "1 - harmful"), ("jailbroken", True, "1 - ASR"))
-MAIN_SCORES = HARMLESSNESS + (("truthful", False, "truthful"), ("positive", False, "positive"),
-                              ("accuracy", False, "accuracy"))
+# Against compute, each score as it is usually quoted: attack success itself, not 1 - ASR.
+MAIN_SCORES = (("harmless", False, "harmless"), ("harmful", False, "harmful"),
+               ("jailbroken", False, "attack success rate (ASR)"), ("truthful", False, "truthful"),
+               ("positive", False, "positive"), ("accuracy", False, "accuracy"))
 
 PLOTS = ("harmless_vs_helpful.png", "score_vs_compute.png")
 
@@ -415,8 +417,8 @@ def plot_harmless_vs_helpful(summary: dict[str, TaskSummary], path: Path) -> str
     return None
 
 
-def plot_score_vs_compute(summary: dict[str, TaskSummary], path: Path) -> str | None:
-    """Each method's main score against forward tokens per answer: what the alignment costs."""
+def score_vs_compute_panels(summary: dict[str, TaskSummary]) -> list[tuple[str, str, list]]:
+    """Per task: (task, y label, [(method, forward tokens per answer, score)]) for the compute plot."""
     panels = []
     for task, ts in summary.items():
         choice = task_measure(ts, MAIN_SCORES)
@@ -426,6 +428,13 @@ def plot_score_vs_compute(summary: dict[str, TaskSummary], path: Path) -> str | 
                   if ms.forward_tokens and ms.forward_tokens.mean > 0 and measure(ms, choice)]
         if points:
             panels.append((task, choice[2], points))
+    return panels
+
+
+def plot_score_vs_compute(summary: dict[str, TaskSummary], path: Path) -> str | None:
+    """Each method's main score (attack success for AdvBench) against forward tokens per answer:
+    what the alignment costs, and whether a baseline with the same compute does as well."""
+    panels = score_vs_compute_panels(summary)
     if not panels:
         return ("no task has a main score (harmless, harmful, jailbroken, truthful, positive or accuracy) "
                 "together with forward-token counts")
