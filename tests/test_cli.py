@@ -124,3 +124,24 @@ def test_bench_table_has_no_nan():
               "final_values": [None]}
     text = table(summarise({"vanilla": [record]}))
     assert "nan" not in text and " - " in text
+
+
+def test_every_option_is_documented_and_defaults_read_plainly():
+    """Each option of each command has help text; the help of eval and bench documents the model
+    flags (issue: --preset, --config, --device, --dtype were blank there); numbers print as written
+    (1048576, not 1.04858e+06)."""
+    from rain_llm.shells.cli import build_parser
+
+    _, commands = build_parser()
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"rain {name} {action.option_strings[0]} has no help"
+        text = command.format_help()
+        assert not re.search(r"\de[+-]\d", text), f"rain {name} --help prints a number in e-notation"
+    for name in ("eval", "bench"):
+        text = " ".join(commands[name].format_help().split())
+        for flag in ("--preset", "--config", "--device", "--dtype", "--threads"):
+            assert flag in text
+    serve = " ".join(commands["serve"].format_help().split())
+    assert "(default 1048576)" in serve and "(default 16)" in serve and "(default 0.05)" in serve
