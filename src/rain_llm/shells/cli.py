@@ -204,8 +204,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             ("max_prompt_bytes", int, "largest prompt, checked before tokenising"),
             ("header_timeout", float, "seconds a client has to send a request's headers"),
             ("body_timeout", float, "seconds a client has to send a request's body (408 after)")]:
+        shown = f"{getattr(defaults, name):{'d' if kind is int else 'g'}}"
         limits.add_argument(Limits.FLAGS[name], dest=f"limit_{name}", type=kind, default=None,
-                            metavar="N" if kind is int else "X", help=f"{text} (default {getattr(defaults, name):{'d' if kind is int else 'g'}})")
+                            metavar="N" if kind is int else "X", help=f"{text} (default {shown})")
     limits.add_argument("--grace", type=float, default=30.0, metavar="SECONDS", help="on SIGTERM or Ctrl-C: how "
                         "long answers in flight may take to finish (default 30)")
     _add_model_flags(srv, device_map=True)
