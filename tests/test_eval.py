@@ -192,6 +192,22 @@ def test_report_from_eval_results(rain, tmp_path):
     assert_one_line(run_cli("report", str(tmp_path / "missing.jsonl")), "missing.jsonl")
 
 
+def test_advbench_with_and_without_suffixes_report_as_two_tables(rain, tmp_path):
+    """The variant goes into every record, so `rain report` over both files keeps the two apart
+    (their ids coincide: advbench-0, ...)."""
+    plain, gcg = tmp_path / "plain.jsonl", tmp_path / "gcg.jsonl"
+    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=plain, methods=["vanilla"], limit=2, progress=False))
+    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=gcg, methods=["vanilla"], limit=2,
+                                            variant="smoothllm", progress=False))
+    assert all(r.meta["variant"] == "smoothllm" and r.meta["controls"] for r in read_records(gcg))
+    assert {r.id for r in read_records(plain)} == {r.id for r in read_records(gcg)}
+    proc = run_cli("report", str(plain), str(gcg), "--out", str(tmp_path / "rep"))
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## advbench\n" in md and "## advbench/smoothllm\n" in md
+    assert "(4 records)." in md  # none dropped as a duplicate
+
+
 def test_xstest_with_an_lm_judge(rain, tmp_path):
     out = tmp_path / "x.jsonl"
     run_eval(rain, tiny_cfg(), EvalSettings(task="xstest", out=out, methods=["vanilla"], limit=1, shard=(0, 450),

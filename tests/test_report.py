@@ -276,3 +276,21 @@ def test_same_prompts_by_two_models_are_two_rows(tmp_path):
     rows = out["tasks"]["advbench"]
     assert rows["vanilla [small]"]["scores"]["jailbroken"]["mean"] == 1.0
     assert rows["vanilla [large]"]["scores"]["jailbroken"]["mean"] == pytest.approx(1 / 3)
+
+
+def test_advbench_variants_and_templates_stay_apart(tmp_path):
+    """Runs with and without adversarial suffixes share ids (advbench-0, ...): they are separate
+    tables, not duplicates; two self-evaluation templates on the same pairs are separate rows."""
+    plain = [record("advbench", f"advbench-{i}", "vanilla", {"jailbroken": 0.0}) for i in range(3)]
+    gcg = [record("advbench", f"advbench-{i}", "vanilla", {"jailbroken": 1.0}, meta={"variant": "smoothllm"})
+           for i in range(3)]
+    out = write_report([write(tmp_path / "a.jsonl", plain), write(tmp_path / "g.jsonl", gcg)], tmp_path / "o1")
+    assert out["duplicates"] == 0
+    assert out["tasks"]["advbench"]["vanilla"]["scores"]["jailbroken"]["mean"] == 0.0
+    assert out["tasks"]["advbench/smoothllm"]["vanilla"]["scores"]["jailbroken"]["mean"] == 1.0
+    pairs = [record("selfeval", str(i), "selfeval", {"accuracy": float(i % 2)},
+                    method_config={"config": {"template": f"templates/{name}.toml"}})
+             for name in ("short", "builtin") for i in range(4)]
+    out = write_report([write(tmp_path / "s.jsonl", pairs)], tmp_path / "o2")
+    assert set(out["tasks"]["selfeval"]) == {"selfeval [short.toml]", "selfeval [builtin.toml]"}
+    assert out["duplicates"] == 0

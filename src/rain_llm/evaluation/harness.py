@@ -284,6 +284,8 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
         start = time.perf_counter()
         prompt = task_prompt(task, ex)
         meta = dict(ex.meta)
+        if settings.variant:
+            meta["variant"] = settings.variant  # rain report keeps AdvBench variants apart (their ids coincide)
         method_config: dict[str, Any] = {}
         if task == "selfeval":
             compute = Compute()  # this pair's work only

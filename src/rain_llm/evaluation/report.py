@@ -141,9 +141,26 @@ def estimate_quantity(values: list[float]) -> Estimate | None:
 # ---------------------------------------------------------------- reading and summarising
 
 
+def task_label(rec: Record) -> str:
+    """The table a record belongs to: its task, and for AdvBench its suffix variant, so that runs with
+    and without adversarial suffixes (whose ids coincide) are never merged."""
+    variant = rec.meta.get("variant") if isinstance(rec.meta, dict) else None
+    if variant and variant != "none":
+        return f"{rec.task}/{variant}"
+    if rec.task == "advbench" and isinstance(rec.meta, dict) and rec.meta.get("controls"):
+        return f"{rec.task}/suffixed"  # records written before the variant was recorded
+    return rec.task
+
+
+def template_of(rec: Record) -> str:
+    """The self-evaluation template a record's answer (or verdict) used, '' when none was recorded."""
+    config = rec.method_config.get("config") if isinstance(rec.method_config, dict) else None
+    return str(config.get("template", "")) if isinstance(config, dict) else ""
+
+
 def load(paths: list[str | Path]) -> tuple[list[Record], int]:
-    """The records of all files, one per (task, id, method, model) with the last read winning; also how
-    many duplicates were dropped."""
+    """The records of all files, one per (task label, id, method, model, template) with the last read
+    winning; also how many duplicates were dropped."""
     if not paths:
         raise RainError("no results files given")
     latest: dict[tuple[str, str, str, str], Record] = {}
@@ -152,7 +169,7 @@ def load(paths: list[str | Path]) -> tuple[list[Record], int]:
         for rec in read_records(path):
             check_record(rec, path)
             read += 1
-            key = (rec.task, str(rec.id), rec.method, rec.model or "")
+            key = (task_label(rec), str(rec.id), rec.method, rec.model or "", template_of(rec))
             latest.pop(key, None)  # re-insert so the order follows the winning copy
             latest[key] = rec
     if not latest:
@@ -219,15 +236,22 @@ def ordered_keys(keys: list[str]) -> list[str]:
 
 
 def summarise(records: list[Record]) -> dict[str, TaskSummary]:
-    """Group by task then method (both in order of first appearance) and estimate every column. Where
-    a task holds results of several models, each model's methods are rows of their own ("rain [model]")."""
+    """Group by task (AdvBench by suffix variant) then method, both in order of first appearance, and
+    estimate every column. Where a task holds results of several models or self-evaluation templates,
+    each model's (template's) methods are rows of their own ("rain [model]", "selfeval [short.toml]")."""
     models: dict[str, set[str]] = {}
+    templates: dict[str, set[str]] = {}
     for rec in records:
-        models.setdefault(rec.task, set()).add(rec.model or "")
+        models.setdefault(task_label(rec), set()).add(rec.model or "")
+        if template_of(rec):
+            templates.setdefault(task_label(rec), set()).add(template_of(rec))
     grouped: dict[str, dict[str, list[Record]]] = {}
     for rec in records:
-        row = f"{rec.method} [{rec.model}]" if len(models[rec.task]) > 1 else rec.method
-        grouped.setdefault(rec.task, {}).setdefault(row, []).append(rec)
+        task = task_label(rec)
+        row = f"{rec.method} [{rec.model}]" if len(models[task]) > 1 else rec.method
+        if len(templates.get(task, ())) > 1 and template_of(rec):
+            row += f" [{Path(template_of(rec)).name}]"
+        grouped.setdefault(task, {}).setdefault(row, []).append(rec)
     out = {}
     for task, by_method in grouped.items():
         task_records = [r for recs in by_method.values() for r in recs]
@@ -239,7 +263,7 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
                 values = [v for r in recs if (v := score_value(r.scores.get(key))) is not None]
                 if values:
                     scores[key] = estimate_score(values)
-            if task == "selfeval":
+            if recs[0].task == "selfeval":
                 scores.update(selfeval_aucs(recs))
             tokens = [t for r in recs if (t := forward_tokens(r)) is not None]
             methods[method] = MethodSummary(
@@ -247,7 +271,7 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
                 seconds=estimate_quantity([float(r.seconds) for r in recs]),
                 answer_tokens=estimate_quantity([float(r.answer_tokens) for r in recs]),
                 forward_tokens=estimate_quantity(tokens))
-        if task == "selfeval":
+        if task_records[0].task == "selfeval":
             keys = keys + [k for k in ("auc_good_first", "auc_bad_first", "auc_mean")
                            if any(k in m.scores for m in methods.values())]
         out[task] = TaskSummary(keys, methods, judge_names(task_records),
