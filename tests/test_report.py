@@ -137,7 +137,8 @@ def test_csv_rows_parse_back_and_match(tmp_path, hh_file):
         rows = list(csv.DictReader(f))
     by_key = {(r["task"], r["method"], r["score"]): r for r in rows}
     assert set(by_key) == {("hh", m, s) for m in ("vanilla", "rain")
-                           for s in ("harmless", "helpful", "seconds", "answer_tokens", "forward_tokens")}
+                           for s in ("harmless", "helpful", "seconds", "answer_tokens", "forward_tokens",
+                                     "forward_passes")}
     for (task, method, score), row in by_key.items():
         entry = out["tasks"][task][method]
         expected = entry["scores"][score] if score in entry["scores"] else entry[score]
@@ -146,6 +147,7 @@ def test_csv_rows_parse_back_and_match(tmp_path, hh_file):
             assert float(row[col]) == pytest.approx(expected[col])
     assert float(by_key["hh", "vanilla", "harmless"]["mean"]) == 0.5
     assert float(by_key["hh", "rain", "forward_tokens"]["mean"]) == 5000
+    assert float(by_key["hh", "rain", "forward_passes"]["mean"]) == 20
     assert by_key["hh", "vanilla", "seconds"]["label"] == "seconds / answer"
 
 
@@ -294,3 +296,21 @@ def test_advbench_variants_and_templates_stay_apart(tmp_path):
     out = write_report([write(tmp_path / "s.jsonl", pairs)], tmp_path / "o2")
     assert set(out["tasks"]["selfeval"]) == {"selfeval [short.toml]", "selfeval [builtin.toml]"}
     assert out["duplicates"] == 0
+
+
+def test_paired_changes_against_vanilla(tmp_path):
+    """Per method: how many answers differ from vanilla's on the same ids, and which way the 0/1
+    main score moved; ids vanilla lacks are not paired."""
+    def rec(i: int, method: str, jailbroken: float, response: str) -> Record:
+        r = record("advbench", str(i), method, {"jailbroken": jailbroken})
+        r.response = response
+        return r
+
+    recs = [rec(i, "vanilla", 1.0 if i < 3 else 0.0, f"v{i}") for i in range(5)]
+    recs += [rec(0, "rain", 0.0, "refused"), rec(1, "rain", 1.0, "v1"), rec(2, "rain", 1.0, "other"),
+             rec(3, "rain", 1.0, "sure"), rec(4, "rain", 0.0, "v4"), rec(9, "rain", 0.0, "unpaired")]
+    out = write_report([write(tmp_path / "p.jsonl", recs)], tmp_path / "out")
+    assert out["paired_with_vanilla"]["advbench"] == {
+        "rain": {"n": 5, "differ": 3, "score": "jailbroken", "up": 1, "down": 1}}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Paired with vanilla: rain: 3 of 5 answers differ;" in md

@@ -194,9 +194,10 @@ def score_value(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def forward_tokens(rec: Record) -> float | None:
+def forward_tokens(rec: Record, what: str = "tokens") -> float | None:
+    """Tokens the model processed for this answer (what="forward_passes": its forward passes)."""
     total = rec.compute.get("total") if isinstance(rec.compute, dict) else None
-    tokens = total.get("tokens") if isinstance(total, dict) else None
+    tokens = total.get(what) if isinstance(total, dict) else None
     return float(tokens) if isinstance(tokens, (int, float)) else None
 
 
@@ -209,6 +210,7 @@ class MethodSummary:
     seconds: Estimate | None
     answer_tokens: Estimate | None
     forward_tokens: Estimate | None
+    forward_passes: Estimate | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def opt(e: Estimate | None) -> dict[str, Any] | None:
@@ -216,7 +218,7 @@ class MethodSummary:
 
         return {"n": self.n, "scores": {k: e.as_dict() for k, e in self.scores.items()},
                 "seconds": opt(self.seconds), "answer_tokens": opt(self.answer_tokens),
-                "forward_tokens": opt(self.forward_tokens)}
+                "forward_tokens": opt(self.forward_tokens), "forward_passes": opt(self.forward_passes)}
 
 
 @dataclass
@@ -227,6 +229,7 @@ class TaskSummary:
     methods: dict[str, MethodSummary]
     judges: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> changes against vanilla
 
 
 def ordered_keys(keys: list[str]) -> list[str]:
@@ -266,16 +269,38 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
             if recs[0].task == "selfeval":
                 scores.update(selfeval_aucs(recs))
             tokens = [t for r in recs if (t := forward_tokens(r)) is not None]
+            passes = [t for r in recs if (t := forward_tokens(r, "forward_passes")) is not None]
             methods[method] = MethodSummary(
                 n=len(recs), scores=scores,
                 seconds=estimate_quantity([float(r.seconds) for r in recs]),
                 answer_tokens=estimate_quantity([float(r.answer_tokens) for r in recs]),
-                forward_tokens=estimate_quantity(tokens))
+                forward_tokens=estimate_quantity(tokens), forward_passes=estimate_quantity(passes))
         if task_records[0].task == "selfeval":
             keys = keys + [k for k in ("auc_good_first", "auc_bad_first", "auc_mean")
                            if any(k in m.scores for m in methods.values())]
         out[task] = TaskSummary(keys, methods, judge_names(task_records),
-                                list(dict.fromkeys(r.model for r in task_records if r.model)))
+                                list(dict.fromkeys(r.model for r in task_records if r.model)),
+                                paired_with_vanilla(by_method, keys))
+    return out
+
+
+def paired_with_vanilla(by_method: dict[str, list[Record]], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Each method against vanilla on the same prompts: how many answers differ, and for the task's
+    main 0/1 score how many went 0 -> 1 and 1 -> 0. Intervals of two arms overlap long before a paired
+    difference is noise; these counts say what actually moved."""
+    vanilla = {str(r.id): r for r in by_method.get("vanilla", [])}
+    main = next((key for key, _, _ in MAIN_SCORES if key in keys), None)
+    out = {}
+    for method, recs in by_method.items():
+        pairs = [(vanilla[str(r.id)], r) for r in recs if method != "vanilla" and str(r.id) in vanilla]
+        if not pairs:
+            continue
+        entry: dict[str, Any] = {"n": len(pairs), "differ": sum(a.response != b.response for a, b in pairs)}
+        if main is not None:
+            both = [(score_value(a.scores.get(main)), score_value(b.scores.get(main))) for a, b in pairs]
+            both = [(x, y) for x, y in both if x in (0.0, 1.0) and y in (0.0, 1.0)]
+            entry |= {"score": main, "up": sum(x < y for x, y in both), "down": sum(x > y for x, y in both)}
+        out[method] = entry
     return out
 
 
@@ -335,13 +360,17 @@ def markdown(summary: dict[str, TaskSummary], sources: list[str], n_records: int
              "A score's own n is shown when some answers were not judged for it.", ""]
     for task, ts in summary.items():
         header = ["method", "n", *(label(k) for k in ts.score_keys),
-                  "seconds / answer", "answer tokens", "forward tokens / answer"]
+                  "seconds / answer", "answer tokens", "forward tokens / answer", "forward passes / answer"]
         lines += [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method, ms in ts.methods.items():
             cells = [method.replace("|", "\\|"), str(ms.n)]
             cells += [fmt_estimate(ms.scores[k], ms.n) if k in ms.scores else "–" for k in ts.score_keys]
-            cells += [fmt_mean(ms.seconds, 2), fmt_mean(ms.answer_tokens, 1), fmt_mean(ms.forward_tokens, 0)]
+            cells += [fmt_mean(ms.seconds, 2), fmt_mean(ms.answer_tokens, 1), fmt_mean(ms.forward_tokens, 0),
+                      fmt_mean(ms.forward_passes, 0)]
             lines.append("| " + " | ".join(cells) + " |")
+        for method, p in ts.paired.items():
+            moved = (f"; {label(p['score'])} 0 → 1 on {p['up']}, 1 → 0 on {p['down']}" if "score" in p else "")
+            lines.append(f"\nPaired with vanilla: {method}: {p['differ']} of {p['n']} answers differ{moved}.")
         lines += ["", f"Judges: {'; '.join(ts.judges) or 'not recorded'}. "
                       f"Model{'s' if len(ts.models) > 1 else ''}: {', '.join(ts.models) or 'not recorded'}.", ""]
     lines += ["## Plots", "", *(f"- {note}" for note in plot_notes), ""]
@@ -349,7 +378,7 @@ def markdown(summary: dict[str, TaskSummary], sources: list[str], n_records: int
 
 
 def write_csv(summary: dict[str, TaskSummary], path: Path) -> None:
-    """One row per (task, method, score), then seconds, answer tokens and forward tokens."""
+    """One row per (task, method, score), then seconds, answer tokens, forward tokens and passes."""
     columns = ["task", "method", "score", "label", "n", "mean", "lower", "upper", "interval"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -359,7 +388,8 @@ def write_csv(summary: dict[str, TaskSummary], path: Path) -> None:
                 rows = [(k, label(k), e) for k, e in ms.scores.items()]
                 rows += [("seconds", "seconds / answer", ms.seconds),
                          ("answer_tokens", "answer tokens", ms.answer_tokens),
-                         ("forward_tokens", "forward tokens / answer", ms.forward_tokens)]
+                         ("forward_tokens", "forward tokens / answer", ms.forward_tokens),
+                         ("forward_passes", "forward passes / answer", ms.forward_passes)]
                 for key, name, e in rows:
                     if e is not None:
                         writer.writerow({"task": task, "method": method, "score": key, "label": name,
@@ -504,4 +534,5 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> dict[str, Any]
         "plots": plots,
         "skipped_plots": skipped,
         "tasks": {task: {m: ms.as_dict() for m, ms in ts.methods.items()} for task, ts in summary.items()},
+        "paired_with_vanilla": {task: ts.paired for task, ts in summary.items() if ts.paired},
     }
