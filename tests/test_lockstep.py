@@ -261,3 +261,23 @@ def test_a_judge_model_under_batch_leaves_the_searches_cache_alone(rain, tmp_pat
         lm = sum(r.compute["total"]["tokens"] - r.compute.get("embed", {}).get("tokens", 0) for r in records)
         ratio[batch] = lm / sum(r.compute["least_work"]["tokens"] for r in records)
     assert ratio[2] <= 1.15 * ratio[1]
+
+
+def test_best_of_n_to_a_token_budget_samples_in_waves_and_stops_there(rain):
+    """best_of_n_tokens: waves of samples until the answer's LM tokens reach the budget (at most
+    best_of_n samples). Sample i is the same as in one batch of n: its values are a prefix of the
+    one-batch run's, and the budget is met within about one sample's cost."""
+    config = cfg(max_new_tokens=6)
+    once = rain.generate(PROMPTS[0], config, best_of_n=12)
+    per_sample = once.stats.compute.total().tokens / 12
+    budget = int(per_sample * 8)
+    waves = rain.generate(PROMPTS[0], config, best_of_n=12, best_of_n_tokens=budget)
+    k = waves.stats.samples
+    assert 4 < k < 12
+    assert waves.stats.values == once.stats.values[:k]
+    spent = waves.stats.compute.total().tokens
+    assert budget <= spent < budget + 2 * per_sample
+    capped = rain.generate(PROMPTS[0], config, best_of_n=3, best_of_n_tokens=10**6)
+    assert capped.stats.samples == 3 and capped.stats.values == once.stats.values[:3]
+    with pytest.raises(RainError, match="best_of_n_tokens"):
+        rain.generate(PROMPTS[0], config, best_of_n_tokens=100)

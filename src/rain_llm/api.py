@@ -130,16 +130,20 @@ class Rain:
         return fmt, context
 
     def answer(self, key: Hashable, prompt: Prompt, cfg: RainConfig, *, value_fn: ValueArg = None,
-               trace: bool = False, progress: ProgressFn | None = None, best_of_n: int | None = None) -> Answer:
+               trace: bool = False, progress: ProgressFn | None = None, best_of_n: int | None = None,
+               best_of_n_tokens: int | None = None) -> Answer:
         """An answer ready to join a scheduler: its prompt rendered and every setting checked
         (RainError naming the problem, before any work)."""
         cfg = cfg.validate()
         if best_of_n is not None and (not isinstance(best_of_n, int) or best_of_n < 1):
             raise RainError(f"invalid best_of_n {best_of_n!r}: a positive integer")
+        if best_of_n_tokens is not None and (best_of_n is None or not isinstance(best_of_n_tokens, int)
+                                             or best_of_n_tokens < 1):
+            raise RainError(f"invalid best_of_n_tokens {best_of_n_tokens!r}: a positive integer, with best_of_n")
         fmt, context = self.prepare(prompt, cfg)
         policy = self.policy(cfg)
         setup = Setup(key, cfg, fmt, context, policy, self.codec, trace=trace, progress=progress,
-                      best_of_n=best_of_n)
+                      best_of_n=best_of_n, best_of_n_tokens=best_of_n_tokens)
         if cfg.method == "rain" or best_of_n is not None:
             setup.evaluator = self.value_source(cfg, value_fn).bind(user_request(prompt))
             self._check_evaluation(setup.evaluator, cfg)
@@ -172,16 +176,19 @@ class Rain:
 
     def generate(self, prompt: Prompt, config: RainConfig | None = None, *, trace: bool = False,
                  progress: ProgressFn | None = None, value_fn: ValueArg = None, best_of_n: int | None = None,
-                 **overrides: Any) -> Generation:
+                 best_of_n_tokens: int | None = None, **overrides: Any) -> Generation:
         """Answer `prompt` with `config.method` ("rain" or "vanilla"), or best-of-n with `best_of_n`
-        samples; overrides change config keys. `value_fn` replaces what steers the search (default:
-        `config.value`, the model's self-evaluation)."""
+        samples (with `best_of_n_tokens`: at most that many, sampled until the answer has processed
+        about that many LM tokens, to match another method's compute); overrides change config keys.
+        `value_fn` replaces what steers the search (default: `config.value`, the model's
+        self-evaluation)."""
         return self.generate_many([prompt], config, trace=trace, progress=progress, value_fn=value_fn,
-                                  best_of_n=best_of_n, **overrides)[0]
+                                  best_of_n=best_of_n, best_of_n_tokens=best_of_n_tokens, **overrides)[0]
 
     def generate_many(self, prompts: Sequence[Prompt], config: RainConfig | None = None, *, trace: bool = False,
                       progress: ProgressFn | None = None, value_fn: ValueArg = None, schedule: str = "token",
-                      best_of_n: int | None = None, **overrides: Any) -> list[Generation]:
+                      best_of_n: int | None = None, best_of_n_tokens: int | None = None,
+                      **overrides: Any) -> list[Generation]:
         """Answer several prompts at once, same settings for all, in one scheduler: their model calls
         (expansions, evaluations, embeddings) are batched across prompts. `schedule`: "token"
         (default) steps the answers one token at a time, each moving on as soon as its own rows are
@@ -194,7 +201,7 @@ class Rain:
             raise RainError("no prompts: give at least one")
         scheduler = Scheduler(self.templates, schedule)
         answers = [self.answer(i, p, cfg, value_fn=value_fn, trace=trace, best_of_n=best_of_n,
-                               progress=progress if len(prompts) == 1 else None)
+                               best_of_n_tokens=best_of_n_tokens, progress=progress if len(prompts) == 1 else None)
                    for i, p in enumerate(prompts)]  # every prompt checked before any work
         for answer in answers:
             scheduler.add(answer)

@@ -16,11 +16,10 @@ Judges per task (each record names them, with their prompts):
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,6 +277,12 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
                desc=f"{task} ({len(examples)} prompts, {len(done)} done before)")
     written = 0
 
+    def best_of_n_args(ex: Example) -> dict[str, int]:
+        """best-of-n's samples: a number, or (match) RAIN's tokens on this prompt as a budget."""
+        if settings.best_of_n == "match":
+            return {"best_of_n": MATCH_CAP, "best_of_n_tokens": match_budget(spent["rain"].get(str(ex.id)))}
+        return {"best_of_n": int(settings.best_of_n)}
+
     def answer_and_record(ex: Example, method: str, batched: Generation | None = None) -> None:
         """Answer (unless `batched` holds the answer already), judge, append one record."""
         nonlocal written
@@ -301,10 +306,11 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             elif method == "rain":
                 gen = rain.generate(prompt, cfg)
             else:
-                n = match_samples(spent["rain"].get(str(ex.id)), spent["vanilla"].get(str(ex.id))) \
-                    if settings.best_of_n == "match" else int(settings.best_of_n)
-                method_config["samples"] = n
-                gen = rain.generate(prompt, cfg, best_of_n=n)
+                gen = rain.generate(prompt, cfg, **best_of_n_args(ex))
+            if method == "best-of-n":
+                method_config["samples"] = gen.stats.samples
+                if "best_of_n_tokens" in (args := best_of_n_args(ex)):
+                    method_config["budget_tokens"] = args["best_of_n_tokens"]
             if method in spent:
                 spent[method][str(ex.id)] = gen.stats.compute.total().tokens
             response, gen_stats = gen.text, gen.stats.to_dict()
@@ -332,12 +338,10 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     if settings.batch > 1:  # method by method over all prompts, up to `batch` answers in flight at once
         for method in methods:
             items = [ex for ex, m in todo if m == method]
-            if method in ("vanilla", "rain"):
-                for ex, gen in answer_continuously(rain, task, items, cfg.replace(method=method), settings.batch):
-                    answer_and_record(ex, method, gen)
-            else:
-                for ex in items:
-                    answer_and_record(ex, method)
+            args = best_of_n_args if method == "best-of-n" else None
+            config = cfg if args else cfg.replace(method=method)
+            for ex, gen in answer_continuously(rain, task, items, config, settings.batch, args):
+                answer_and_record(ex, method, gen)
     else:  # prompt by prompt, methods in the order given
         for ex, method in todo:
             answer_and_record(ex, method)
@@ -346,27 +350,37 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             "skipped": len(examples) * len(methods) - len(todo)}
 
 
-def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainConfig,
-                        batch: int) -> Iterator[tuple[Example, Generation]]:
+def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainConfig, batch: int,
+                        best_of_n: Callable[[Example], dict[str, int]] | None = None,
+                        ) -> Iterator[tuple[Example, Generation]]:
     """Answers to `items`, `batch` at a time in one continuous batch: when an answer finishes the
-    next prompt joins, so no prompt waits for the slowest of a window. Yields each as it finishes."""
+    next prompt joins, so no prompt waits for the slowest of a window. Yields each as it finishes.
+    `best_of_n(example)`: best-of-n answers with these arguments (see Rain.answer)."""
     running = rain.continuous_batch()
     queue = list(items)
     by_key = {}
     while queue or running:
         joining = [queue.pop(0) for _ in range(min(len(queue), batch - len(running)))]
-        running.add_many([(str(ex.id), task_prompt(task, ex), cfg) for ex in joining])
+        if best_of_n is None:
+            running.add_many([(str(ex.id), task_prompt(task, ex), cfg) for ex in joining])
+        else:
+            for ex in joining:
+                running.add_answer(rain.answer(str(ex.id), task_prompt(task, ex), cfg, **best_of_n(ex)))
         by_key.update((str(ex.id), ex) for ex in joining)
         for key, gen in running.step().items():
             yield by_key.pop(key), gen
 
 
-def match_samples(rain_tokens: int | None, vanilla_tokens: int | None, cap: int = 64) -> int:
-    """Samples whose compute matches RAIN's on the same prompt: RAIN's tokens / one answer's tokens."""
-    if not rain_tokens or not vanilla_tokens:
-        raise RainError("--best-of-n match needs rain and vanilla results for the same prompt first "
-                        "(put both methods before best-of-n)")
-    return max(1, min(cap, math.ceil(rain_tokens / vanilla_tokens)))
+MATCH_CAP = 64  # most samples --best-of-n match draws
+
+
+def match_budget(rain_tokens: int | None) -> int:
+    """--best-of-n match: best-of-n samples until it has processed as many LM tokens as RAIN did on
+    the same prompt (sampling and judging alike), at most MATCH_CAP samples."""
+    if not rain_tokens:
+        raise RainError("--best-of-n match needs rain results for the same prompt first "
+                        "(put rain before best-of-n)")
+    return int(rain_tokens)
 
 
 def summary_line(path: Path) -> str:

@@ -14,6 +14,7 @@ vanilla answers, best-of-n samples, an answer finished after its budget ran out)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -155,6 +156,7 @@ class Setup:
     trace: bool = False
     progress: ProgressFn | None = None
     best_of_n: int | None = None
+    best_of_n_tokens: int | None = None  # sample until about this many LM tokens are processed (compute match)
 
     def text(self, tokens: Sequence[int]) -> str:
         return self.fmt.clean(self.codec.decode(tokens))
@@ -171,7 +173,7 @@ class Answer:
         self.env: RainEnv | None = None
         self.search: RainSearch | None = None
         if setup.best_of_n is not None:
-            self.method, self.steps = "best-of-n", best_of_n_steps(setup, setup.best_of_n)
+            self.method, self.steps = "best-of-n", best_of_n_steps(setup, setup.best_of_n, self.compute)
         elif setup.cfg.method == "vanilla":
             self.method, self.steps = "vanilla", vanilla_steps(setup)
         else:
@@ -233,16 +235,32 @@ def vanilla_steps(setup: Setup) -> Steps:
     return Outcome(samples[0].tokens, "vanilla")
 
 
-def best_of_n_steps(setup: Setup, n: int) -> Steps:
-    """The paper's sample-evaluate baseline: n answers sampled (temperature, top-k; this answer's
-    own random stream), each valued as RAIN values a leaf; the best is kept."""
+def best_of_n_steps(setup: Setup, n: int, compute: Compute | None = None) -> Steps:
+    """The paper's sample-evaluate baseline: answers sampled (temperature, top-k; this answer's own
+    random stream), each valued as RAIN values a leaf; the best is kept. n samples at once; or, with
+    `setup.best_of_n_tokens`, in waves until the answer's LM tokens (`compute`, sampling and judging)
+    reach that budget, each wave sized by the cost per sample so far, at most n in all. Sample i is
+    the same either way (row i's uniforms come from the stream in order)."""
     cfg = setup.cfg
-    rows = [Row(cfg.max_new_tokens, cfg.temperature, cfg.top_k) for _ in range(n)]
-    uniforms = np.random.default_rng(cfg.seed).random((n, cfg.max_new_tokens))
-    (samples,) = yield [(setup.policy, SampleRows(setup.key, "generate", setup.context, rows, uniforms))]
-    values = yield from evaluate(setup.key, setup.evaluator, [setup.text(s.tokens) for s in samples])
+    rng = np.random.default_rng(cfg.seed)
+    budget = setup.best_of_n_tokens
+    samples: list[Any] = []
+    values: list[float] = []
+    while len(samples) < n:
+        size = n - len(samples)
+        if budget is not None:
+            spent = compute.total().tokens if compute is not None else 0
+            if samples and spent >= budget:
+                break
+            per_sample = spent / len(samples) if samples else 0.0
+            size = min(size, 4 if not samples else max(1, math.ceil((budget - spent) / max(per_sample, 1.0))))
+        rows = [Row(cfg.max_new_tokens, cfg.temperature, cfg.top_k) for _ in range(size)]
+        uniforms = rng.random((size, cfg.max_new_tokens))
+        (wave,) = yield [(setup.policy, SampleRows(setup.key, "generate", setup.context, rows, uniforms))]
+        values += yield from evaluate(setup.key, setup.evaluator, [setup.text(s.tokens) for s in wave])
+        samples += wave
     best = int(np.argmax(values))
-    return Outcome(samples[best].tokens, "best-of-n", samples=n, values=values)
+    return Outcome(samples[best].tokens, "best-of-n", samples=len(samples), values=values)
 
 
 def rain_steps(env: RainEnv, search: RainSearch) -> Steps:
