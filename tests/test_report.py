@@ -10,7 +10,14 @@ import pytest
 
 from rain_llm.errors import RainError
 from rain_llm.evaluation.records import Record
-from rain_llm.evaluation.report import ci_mean, ci_proportion, score_vs_compute_panels, summarise, write_report
+from rain_llm.evaluation.report import (
+    ci_mean,
+    ci_proportion,
+    mcnemar_exact,
+    score_vs_compute_panels,
+    summarise,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -311,6 +318,13 @@ def test_paired_changes_against_vanilla(tmp_path):
              rec(3, "rain", 1.0, "sure"), rec(4, "rain", 0.0, "v4"), rec(9, "rain", 0.0, "unpaired")]
     out = write_report([write(tmp_path / "p.jsonl", recs)], tmp_path / "out")
     assert out["paired_with_vanilla"]["advbench"] == {
-        "rain": {"n": 5, "differ": 3, "score": "jailbroken", "up": 1, "down": 1}}
+        "rain": {"n": 5, "differ": 3, "score": "jailbroken", "up": 1, "down": 1, "p_mcnemar": 1.0}}
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Paired with vanilla: rain: 3 of 5 answers differ;" in md
+
+
+def test_mcnemar_exact_against_hand_computed_values():
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # all six discordant pairs one way
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)

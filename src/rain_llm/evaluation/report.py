@@ -284,6 +284,16 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
     return out
 
 
+def mcnemar_exact(up: int, down: int) -> float:
+    """Two-sided exact McNemar test: how likely so lopsided a split of the discordant pairs is
+    if the method changed nothing (each change equally likely either way)."""
+    n = up + down
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(up, down) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def paired_with_vanilla(by_method: dict[str, list[Record]], keys: list[str]) -> dict[str, dict[str, Any]]:
     """Each method against vanilla on the same prompts: how many answers differ, and for the task's
     main 0/1 score how many went 0 -> 1 and 1 -> 0. Intervals of two arms overlap long before a paired
@@ -299,7 +309,8 @@ def paired_with_vanilla(by_method: dict[str, list[Record]], keys: list[str]) -> 
         if main is not None:
             both = [(score_value(a.scores.get(main)), score_value(b.scores.get(main))) for a, b in pairs]
             both = [(x, y) for x, y in both if x in (0.0, 1.0) and y in (0.0, 1.0)]
-            entry |= {"score": main, "up": sum(x < y for x, y in both), "down": sum(x > y for x, y in both)}
+            up, down = sum(x < y for x, y in both), sum(x > y for x, y in both)
+            entry |= {"score": main, "up": up, "down": down, "p_mcnemar": mcnemar_exact(up, down)}
         out[method] = entry
     return out
 
@@ -369,7 +380,8 @@ def markdown(summary: dict[str, TaskSummary], sources: list[str], n_records: int
                       fmt_mean(ms.forward_passes, 0)]
             lines.append("| " + " | ".join(cells) + " |")
         for method, p in ts.paired.items():
-            moved = (f"; {label(p['score'])} 0 → 1 on {p['up']}, 1 → 0 on {p['down']}" if "score" in p else "")
+            moved = (f"; {label(p['score'])} 0 → 1 on {p['up']}, 1 → 0 on {p['down']} "
+                     f"(exact McNemar p = {p['p_mcnemar']:.3g})" if "score" in p else "")
             lines.append(f"\nPaired with vanilla: {method}: {p['differ']} of {p['n']} answers differ{moved}.")
         lines += ["", f"Judges: {'; '.join(ts.judges) or 'not recorded'}. "
                       f"Model{'s' if len(ts.models) > 1 else ''}: {', '.join(ts.models) or 'not recorded'}.", ""]
