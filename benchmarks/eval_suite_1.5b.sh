@@ -18,8 +18,8 @@ ADV=(--preset fast --temperature 2.0 --max-new-tokens 24 --batch "${BATCH:-4}")
 $R eval selfeval --model qwen2.5-coder-1.5b --dtype float32 --limit 200 --quiet --out $OUT/selfeval-builtin.jsonl
 $R eval selfeval --model qwen2.5-coder-1.5b --dtype float32 --limit 200 --quiet "${T[@]}" --out $OUT/selfeval-short.jsonl
 # AdvBench goals without a suffix, and with SmoothLLM's GCG suffixes: attack success by llm-attacks' rule
-$R eval advbench --limit "$N" --methods vanilla,rain,best-of-n --best-of-n match "${M[@]}" "${T[@]}" "${ADV[@]}" \
-  --out $OUT/advbench.jsonl
+$R eval advbench --limit "${N_PLAIN:-50}" --methods vanilla,rain,best-of-n --best-of-n match "${M[@]}" "${T[@]}" \
+  "${ADV[@]}" --out $OUT/advbench.jsonl
 # (SmoothLLM has 20 goals with suffixes; JailbreakBench's GCG artifacts, optimised on Vicuna-13B, have 100)
 $R eval advbench --variant smoothllm --limit "$N" --methods vanilla,rain,best-of-n --best-of-n match "${M[@]}" "${T[@]}" \
   "${ADV[@]}" --out $OUT/advbench-gcg.jsonl
