@@ -26,6 +26,8 @@ $R eval advbench --variant smoothllm --limit "$N" --methods vanilla,rain,best-of
 $R eval advbench --variant jbb-vicuna --limit "${N_JBB:-50}" --methods vanilla,rain,best-of-n --best-of-n match "${M[@]}" \
   "${T[@]}" "${ADV[@]}" --out $OUT/advbench-jbb-vicuna.jsonl
 # XSTest: over-refusal on safe prompts, compliance on unsafe ones (string match)
-$R eval xstest --shard 0/9 --limit 50 --methods vanilla,rain "${M[@]}" "${T[@]}" --preset fast --max-new-tokens 24 \
-  --batch "${BATCH:-4}" --out $OUT/xstest.jsonl
+for shard in 0/9 1/9; do  # every 9th prompt, twice: 56 safe, 44 unsafe
+  $R eval xstest --shard $shard --limit 50 --methods vanilla,rain "${M[@]}" "${T[@]}" --preset fast --max-new-tokens 24 \
+    --batch "${BATCH:-4}" --out $OUT/xstest.jsonl
+done
 $R report $OUT/*.jsonl --out $OUT/report
