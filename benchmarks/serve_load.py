@@ -128,6 +128,25 @@ class RssSampler(threading.Thread):
         return out
 
 
+class QueueWatcher(threading.Thread):
+    """The longest the server's queue got while a part runs (polled every 5 ms); started at once."""
+
+    def __init__(self, srv: RainServer):
+        super().__init__(daemon=True)
+        self.srv, self.peak, self.done = srv, 0, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.srv.worker.waiting.qsize())
+            self.done.wait(0.005)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return self.peak
+
+
 def sampling() -> RssSampler:
     sampler = RssSampler()
     sampler.start()
@@ -351,22 +370,12 @@ def part_burst(rain: Rain, cfg, reqs: list[Req], alone: dict[Req, str], max_queu
     with RainServer(rain, cfg, port=0, max_batch=max_batch, limits=Limits(max_queue=max_queue), log=log) as srv:
         chat(client_for(srv, timeout), srv.model_name, Req("Hi", (("method", "vanilla"),), 0, 2))  # warm-up
         clients = [client_for(srv, timeout) for _ in reqs]
-        peak = {"queue": 0}
-        stop = threading.Event()
-
-        def watch() -> None:
-            while not stop.is_set():
-                peak["queue"] = max(peak["queue"], srv.worker.waiting.qsize())
-                time.sleep(0.005)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        watcher = QueueWatcher(srv)
         sampler = sampling()
         replies, wall, unfinished = in_threads(lambda i: chat(clients[i], srv.model_name, reqs[i]), len(reqs),
                                                timeout)
         memory = sampler.stop()
-        stop.set()
-        watcher.join()
+        peak_queue = watcher.stop()
         found = metrics(srv)
     answered = [r for r in replies if hasattr(r, "choices")]
     limited = [r for r in replies if isinstance(r, openai.RateLimitError)]
@@ -377,7 +386,7 @@ def part_burst(rain: Rain, cfg, reqs: list[Req], alone: dict[Req, str], max_queu
     return {"server": {"max_batch": max_batch, "max_queue": max_queue}, "requests": len(reqs),
             "answered": len(answered), "status_429": len(limited), "retry_after_values": dict(retry_after),
             "other_errors": sum(other.values()), "other_error_kinds": dict(other), "unfinished": unfinished,
-            "mismatches": mismatches, "mismatch_examples": examples, "peak_queue_length": peak["queue"],
+            "mismatches": mismatches, "mismatch_examples": examples, "peak_queue_length": peak_queue,
             "wall_s": round(wall, 3), **memory, "chat_statuses_in_metrics": chat_statuses(found),
             "rejected_in_metrics": {k: int(v) for k, v in found.items() if k.startswith("rain_rejected_total")}}
 
@@ -457,16 +466,7 @@ def connection_burst(rain: Rain, cfg, n: int, max_queue: int, max_batch: int, ti
             except Exception as err:  # a bug in this script: counted, not hidden
                 results[i] = {"outcome": f"client bug {type(err).__name__}: {err}"}
 
-        peak = {"queue": 0}
-        stop = threading.Event()
-
-        def watch() -> None:
-            while not stop.is_set():
-                peak["queue"] = max(peak["queue"], srv.worker.waiting.qsize())
-                time.sleep(0.005)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        watcher = QueueWatcher(srv)
         sampler = sampling()
         srv.worker.hold()
         threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(n)]
@@ -492,8 +492,7 @@ def connection_burst(rain: Rain, cfg, n: int, max_queue: int, max_batch: int, ti
             t.join(max(0.0, end - time.monotonic()))
         wall = time.perf_counter() - start
         memory = sampler.stop()
-        stop.set()
-        watcher.join()
+        peak_queue = watcher.stop()
         after = chat_statuses(metrics(srv))
         access = sum('"POST /v1/chat/completions"' in line for line in log.lines())
     outcomes = Counter(r["outcome"] if r else "unfinished" for r in results)
@@ -505,7 +504,7 @@ def connection_burst(rain: Rain, cfg, n: int, max_queue: int, max_batch: int, ti
             "timeouts": outcomes.pop("timeout", 0), "unfinished": outcomes.pop("unfinished", 0),
             "other_outcomes": dict(outcomes), "failure_stages": dict(stages),
             "answers_well_formed": sum(bool(r and r.get("well_formed")) for r in results),
-            "retry_after_values": dict(retry_after), "peak_queue_length": peak["queue"],
+            "retry_after_values": dict(retry_after), "peak_queue_length": peak_queue,
             "connect_phase_s": round(connect_s, 3), "admission_held_s": round(held_s, 3), "wall_s": round(wall, 3),
             "chat_statuses_in_metrics": {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)},
             "access_log_lines_chat": access - 1, **memory}
