@@ -298,6 +298,7 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             meta |= scores.pop("_meta")  # type: ignore[arg-type]
             response, gen_stats = "", {"answer_tokens": 0, "compute": compute.to_dict()}
         else:
+            args = best_of_n_args(ex) if method == "best-of-n" else {}
             if batched is not None:
                 gen = batched
                 method_config["batch"] = gen.stats.batch
@@ -306,10 +307,10 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             elif method == "rain":
                 gen = rain.generate(prompt, cfg)
             else:
-                gen = rain.generate(prompt, cfg, **best_of_n_args(ex))
+                gen = rain.generate(prompt, cfg, **args)
             if method == "best-of-n":
                 method_config["samples"] = gen.stats.samples
-                if "best_of_n_tokens" in (args := best_of_n_args(ex)):
+                if "best_of_n_tokens" in args:
                     method_config["budget_tokens"] = args["best_of_n_tokens"]
             if method in spent:
                 spent[method][str(ex.id)] = gen.stats.compute.total().tokens

@@ -194,8 +194,8 @@ def score_value(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def forward_tokens(rec: Record, what: str = "tokens") -> float | None:
-    """Tokens the model processed for this answer (what="forward_passes": its forward passes)."""
+def compute_total(rec: Record, what: str) -> float | None:
+    """A total of the answer's recorded compute: "tokens" processed or "forward_passes"."""
     total = rec.compute.get("total") if isinstance(rec.compute, dict) else None
     tokens = total.get(what) if isinstance(total, dict) else None
     return float(tokens) if isinstance(tokens, (int, float)) else None
@@ -268,8 +268,8 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
                     scores[key] = estimate_score(values)
             if recs[0].task == "selfeval":
                 scores.update(selfeval_aucs(recs))
-            tokens = [t for r in recs if (t := forward_tokens(r)) is not None]
-            passes = [t for r in recs if (t := forward_tokens(r, "forward_passes")) is not None]
+            tokens = [t for r in recs if (t := compute_total(r, "tokens")) is not None]
+            passes = [t for r in recs if (t := compute_total(r, "forward_passes")) is not None]
             methods[method] = MethodSummary(
                 n=len(recs), scores=scores,
                 seconds=estimate_quantity([float(r.seconds) for r in recs]),

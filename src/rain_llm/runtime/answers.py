@@ -235,7 +235,7 @@ def vanilla_steps(setup: Setup) -> Steps:
     return Outcome(samples[0].tokens, "vanilla")
 
 
-def best_of_n_steps(setup: Setup, n: int, compute: Compute | None = None) -> Steps:
+def best_of_n_steps(setup: Setup, n: int, compute: Compute) -> Steps:
     """The paper's sample-evaluate baseline: answers sampled (temperature, top-k; this answer's own
     random stream), each valued as RAIN values a leaf; the best is kept. n samples at once; or, with
     `setup.best_of_n_tokens`, in waves until the answer's LM tokens (`compute`, sampling and judging)
@@ -249,7 +249,7 @@ def best_of_n_steps(setup: Setup, n: int, compute: Compute | None = None) -> Ste
     while len(samples) < n:
         size = n - len(samples)
         if budget is not None:
-            spent = compute.total().tokens if compute is not None else 0
+            spent = compute.total().tokens
             if samples and spent >= budget:
                 break
             per_sample = spent / len(samples) if samples else 0.0
