@@ -58,3 +58,41 @@ def tiny_model(arch: str, vocab: int):
 @pytest.fixture(scope="session", params=["llama", "gemma3", "qwen2"])
 def tiny(request, tokenizer):
     return request.param, tiny_model(request.param, len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The sentence embedder, loaded once."""
+    from rain_llm.values.embedder import MiniLMEmbedder
+
+    return MiniLMEmbedder.load()
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_dir):
+    """The bundled default model and its tokenizer, loaded once for the whole session."""
+    from rain_llm.engine.hf.models import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="module")
+def default_rain(default_model, embedder):
+    """A `Rain` on the default model: the weights are the session's, the caches this module's own."""
+    from rain_llm import Rain
+
+    model, tok = default_model
+    return Rain(model, tok, embedder=embedder, name="default")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer):
+    return tiny_model("llama", len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def tiny_rain(tiny_llama, tokenizer, embedder):
+    """A `Rain` on a tiny random Llama with the real tokenizer (weights shared, caches per module)."""
+    from rain_llm import Rain
+
+    return Rain(tiny_llama, tokenizer, embedder=embedder, name="tiny")

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from rain_llm.search import SearchStatus
 from rain_llm.shells.cli import Progress, main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -94,14 +95,14 @@ def test_progress_writes_lines_to_logs_and_explains_fresh_iterations():
     progress = Progress(True, every=0.0, stream=log)  # a log, not a terminal: a line whenever one is due
     info = {"step": 1, "budget": 15, "visits_before": 0, "t_max": 8, "fresh": 15, "nodes": 4, "answer_tokens": 0}
     for i in range(1, 4):
-        progress({**info, "iteration": i})
+        progress(SearchStatus(**{**info, "iteration": i}))
     lines = log.getvalue().splitlines()
     assert len(lines) == 3 and lines[-1].startswith("step 1  iteration 3/15")
     assert "fresh_iterations=15" in lines[0]  # why t_max 8 runs 15 iterations
     quiet = io.StringIO()
     progress = Progress(True, every=3600.0, stream=quiet)  # not due by time: a line per new step only
     for step in (1, 1, 1, 2):
-        progress({**info, "step": step, "iteration": 1, "budget": 8})
+        progress(SearchStatus(**{**info, "step": step, "iteration": 1, "budget": 8}))
     assert len(quiet.getvalue().splitlines()) == 2 and "fresh" not in quiet.getvalue()
 
 

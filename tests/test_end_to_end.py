@@ -22,11 +22,6 @@ def rain_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           env=ENV, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def rain(default_model_dir):
-    return Rain.load()
-
-
 def small(**kw):
     return load_config("fast", max_new_tokens=kw.pop("max_new_tokens", 10), t_max=kw.pop("t_max", 4), **kw)
 
@@ -49,10 +44,10 @@ def test_cli_rain_json_reports_text_tokens_and_compute():
     assert "step 1" in proc.stderr and "forward passes/tokens" in proc.stderr  # progress + summary
 
 
-def test_cli_vanilla_prints_greedy_answer(rain):
+def test_cli_vanilla_prints_greedy_answer(default_rain):
     proc = rain_cli("generate", "--method", "vanilla", "--max-new-tokens", "12", PROMPT)
     assert proc.returncode == 0, proc.stderr
-    expected = rain.generate(PROMPT, method="vanilla", max_new_tokens=12).text
+    expected = default_rain.generate(PROMPT, method="vanilla", max_new_tokens=12).text
     assert proc.stdout.strip() == expected
     assert "vanilla: 12 tokens" in proc.stderr
 
@@ -76,37 +71,37 @@ def test_cli_trace_writes_whole_search(tmp_path):
     assert root["visits"] == sum(c["visits"] for c in root["children"]) + 1  # one root evaluation
 
 
-def test_api_same_seed_same_answer(rain):
-    a = rain.generate(PROMPT, small(seed=5))
-    b = rain.generate(PROMPT, small(seed=5))
+def test_api_same_seed_same_answer(default_rain):
+    a = default_rain.generate(PROMPT, small(seed=5))
+    b = default_rain.generate(PROMPT, small(seed=5))
     assert a.token_ids == b.token_ids and a.stats.iterations_per_step == b.stats.iterations_per_step
 
 
-def test_api_reuse_off_does_more_work_for_the_same_answer(rain):
-    on = rain.generate(PROMPT, small(seed=1))
-    off = rain.generate(PROMPT, small(seed=1, reuse_cache=False))
+def test_api_reuse_off_does_more_work_for_the_same_answer(default_rain):
+    on = default_rain.generate(PROMPT, small(seed=1))
+    off = default_rain.generate(PROMPT, small(seed=1, reuse_cache=False))
     assert on.token_ids == off.token_ids
     assert off.stats.compute.total().tokens > 3 * on.stats.compute.total().tokens
 
 
-def test_api_vanilla_and_rain_share_settings(rain):
-    v = rain.generate(PROMPT, small(method="vanilla", max_new_tokens=5))
+def test_api_vanilla_and_rain_share_settings(default_rain):
+    v = default_rain.generate(PROMPT, small(method="vanilla", max_new_tokens=5))
     assert v.method == "vanilla" and len(v.token_ids) <= 5 and v.stats.compute.phases["generate"].forward_passes <= 5
 
 
-def test_api_answer_ends_at_end_of_turn(rain):
-    out = rain.generate("Say hi.", method="vanilla", max_new_tokens=200)
+def test_api_answer_ends_at_end_of_turn(default_rain):
+    out = default_rain.generate("Say hi.", method="vanilla", max_new_tokens=200)
     assert len(out.token_ids) < 200
-    assert out.token_ids[-1] in rain.codec.stop_ids
+    assert out.token_ids[-1] in default_rain.codec.stop_ids
 
 
-def test_transcript_format_for_base_prompting(rain):
-    out = rain.generate(PROMPT, small(prompt_format="raw", fewshot="default", max_new_tokens=8))
+def test_transcript_format_for_base_prompting(default_rain):
+    out = default_rain.generate(PROMPT, small(prompt_format="raw", fewshot="default", max_new_tokens=8))
     assert "Human:" not in out.text
     assert out.stats.committed_steps >= 1
 
 
-def test_value_modes_and_templates_reach_the_evaluation(rain, monkeypatch):
+def test_value_modes_and_templates_reach_the_evaluation(default_rain, monkeypatch):
     """Each setting changes what the self-evaluation is asked and how its answer is read: the
     template's text is in the scored prompt, the raw format has no chat markers, the vote is one
     of -1, 0, 1 and the mean mode is continuous."""
@@ -117,7 +112,7 @@ def test_value_modes_and_templates_reach_the_evaluation(rain, monkeypatch):
 
     def record_request(self, response, owner=None):
         out = request(self, response, owner)
-        seen.append((rain.tokenizer.decode(out.prefix), None))
+        seen.append((default_rain.tokenizer.decode(out.prefix), None))
         return out
 
     def record_value(self, p):
@@ -131,7 +126,7 @@ def test_value_modes_and_templates_reach_the_evaluation(rain, monkeypatch):
     for name, kw in {"vote": {}, "mean": {"value_mode": "mean"}, "truthfulness": {"template": "truthfulness"},
                      "raw": {"eval_format": "raw"}}.items():
         seen.clear()
-        out = rain.generate(PROMPT, small(max_new_tokens=4, t_max=2, **kw))
+        out = default_rain.generate(PROMPT, small(max_new_tokens=4, t_max=2, **kw))
         assert out.token_ids
         runs[name] = ([p for p, _ in seen if p is not None], [v for _, v in seen if v is not None])
     assert all(v in (-1.0, 0.0, 1.0) for v in runs["vote"][1])
@@ -142,9 +137,10 @@ def test_value_modes_and_templates_reach_the_evaluation(rain, monkeypatch):
     assert not any("<|im_start|>" in p for p in runs["raw"][0])
 
 
-def test_template_prefix_is_encoded_once_across_prompts(rain):
+def test_template_prefix_is_encoded_once_across_prompts(default_rain):
     cfg = small(max_new_tokens=2, t_max=2)
-    fresh = Rain(rain.model, rain.tokenizer, embedder=rain.embedder, name="default")  # an empty cache
+    fresh = Rain(default_rain.model, default_rain.tokenizer, embedder=default_rain.embedder,
+                 name="default")  # an empty cache
     first = fresh.generate("What is the capital of France?", cfg)
     second = fresh.generate("How do I bake bread?", cfg)
     # the first answer encodes the whole evaluation template; later ones only their prompt's part
@@ -153,13 +149,13 @@ def test_template_prefix_is_encoded_once_across_prompts(rain):
     assert first.stats.compute.least_work - second.stats.compute.least_work > constant / 2
 
 
-def test_model_from_local_folder_and_gguf_file(rain, default_model_dir):
+def test_model_from_local_folder_and_gguf_file(default_rain, default_model_dir):
     from rain_llm.engine.hf.models import default_gguf, resolve
 
     assert resolve(str(default_model_dir))[0] == str(default_model_dir)
     assert resolve(str(default_gguf()))[0] == str(default_model_dir)  # converted once, then reused
     folder = Rain.load(str(default_model_dir))
-    expected = rain.generate(PROMPT, method="vanilla", max_new_tokens=6).token_ids
+    expected = default_rain.generate(PROMPT, method="vanilla", max_new_tokens=6).token_ids
     assert folder.generate(PROMPT, method="vanilla", max_new_tokens=6).token_ids == expected
 
 
@@ -169,12 +165,12 @@ def test_device_map_auto_loads_and_generates(default_model_dir):
     assert len(out.token_ids) == 4
 
 
-def test_compute_budget_stops_search_and_finishes_answer(rain):
-    rain.generate(PROMPT, small(max_new_tokens=2))  # the evaluation template is cached either way
-    out = rain.generate(PROMPT, small(max_new_tokens=12, t_max=8, max_search_tokens=150))
+def test_compute_budget_stops_search_and_finishes_answer(default_rain):
+    default_rain.generate(PROMPT, small(max_new_tokens=2))  # the evaluation template is cached either way
+    out = default_rain.generate(PROMPT, small(max_new_tokens=12, t_max=8, max_search_tokens=150))
     stats = out.stats.to_dict()
     assert stats["budget_stopped"]
     assert stats["compute"]["total"]["tokens"] < 150 + 1000  # one iteration may run past the line
-    assert len(out.token_ids) == 12 or out.token_ids[-1] in rain.codec.stop_ids
+    assert len(out.token_ids) == 12 or out.token_ids[-1] in default_rain.codec.stop_ids
     least = stats["compute"]["least_work"]["tokens"]
     assert 0 < least <= stats["compute"]["total"]["tokens"]

@@ -273,7 +273,8 @@ def test_least_work_counts_each_distinct_position_once(tiny, tokenizer, ctx):
     engine does; tokens processed show the waste (none with reuse, whole contexts without)."""
     from rain_llm.engine.hf.backend import HFBackend
     from rain_llm.runtime.accounting import Compute
-    from rain_llm.runtime.backend import TopTokens, run_requests
+    from rain_llm.runtime.backend import TopTokens
+    from rain_llm.runtime.scheduler import run_requests
 
     _, model = tiny
     work = {}

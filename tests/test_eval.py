@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rain_llm import Rain, load_config
+from rain_llm import load_config
 from rain_llm.evaluation.data import default_data_dir
 from rain_llm.evaluation.harness import EvalSettings, run_eval
 from rain_llm.evaluation.records import read_records
@@ -19,11 +19,6 @@ from rain_llm.evaluation.records import read_records
 pytestmark = [pytest.mark.skipif(default_data_dir() is None, reason="needs ../shared/data"),
               pytest.mark.slow]  # subprocesses and the bundled model: left out by -m 'not slow'
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def rain(default_model_dir):
-    return Rain.load()
 
 
 def tiny_cfg(**kw):
@@ -37,9 +32,9 @@ def tiny_cfg(**kw):
     ("xstest", {"refused", "over_refusal"}),
     ("sentiment", {"positive", "sentiment"}),
 ])
-def test_each_task_runs_and_is_judged(rain, tmp_path, task, expected):
+def test_each_task_runs_and_is_judged(default_rain, tmp_path, task, expected):
     out = tmp_path / f"{task}.jsonl"
-    result = run_eval(rain, tiny_cfg(), EvalSettings(task=task, out=out, methods=["vanilla", "rain"], limit=2,
+    result = run_eval(default_rain, tiny_cfg(), EvalSettings(task=task, out=out, methods=["vanilla", "rain"], limit=2,
                                                       progress=False))
     assert result["written"] == 4
     records = read_records(out)
@@ -55,21 +50,22 @@ def test_each_task_runs_and_is_judged(rain, tmp_path, task, expected):
                                                             "sentiment": "sentiment"}.get(task, "harmlessness")
 
 
-def test_lm_judge_identity_and_prompt_in_records(rain, tmp_path):
+def test_lm_judge_identity_and_prompt_in_records(default_rain, tmp_path):
     out = tmp_path / "hh.jsonl"
-    run_eval(rain, tiny_cfg(), EvalSettings(task="hh", out=out, methods=["vanilla"], limit=1, progress=False))
+    run_eval(default_rain, tiny_cfg(), EvalSettings(task="hh", out=out, methods=["vanilla"], limit=1, progress=False))
     judges = read_records(out)[0].judges
     assert judges["lm:harmful"]["prompt"] and "harmful" in judges["lm:harmful"]["prompt"].lower()
     assert "itself" in judges["lm:harmful"]["backend"]["model"]  # a self-judging run says so
-    run_eval(rain, tiny_cfg(), EvalSettings(task="hh", out=out, methods=["vanilla", "rain"], limit=1, progress=False))
+    run_eval(default_rain, tiny_cfg(), EvalSettings(
+        task="hh", out=out, methods=["vanilla", "rain"], limit=1, progress=False))
     rain_rec = [r for r in read_records(out) if r.method == "rain"][0]
     assert rain_rec.scores["win_harmless_vs_vanilla"] in (0.0, 1.0)  # judged against vanilla's answer from the file
     assert "shuffled" in rain_rec.judges["lm:pairwise-harmless"]["order"]
 
 
-def test_selfeval_scores_pairs(rain, tmp_path):
+def test_selfeval_scores_pairs(default_rain, tmp_path):
     out = tmp_path / "selfeval.jsonl"
-    run_eval(rain, tiny_cfg(), EvalSettings(task="selfeval", out=out, limit=3, progress=False))
+    run_eval(default_rain, tiny_cfg(), EvalSettings(task="selfeval", out=out, limit=3, progress=False))
     records = read_records(out)
     assert len(records) == 3 and {r.method for r in records} == {"selfeval"}
     for r in records:
@@ -78,9 +74,9 @@ def test_selfeval_scores_pairs(rain, tmp_path):
         assert len(r.meta["p_good_chosen"]) == 2 and 0 <= r.meta["p_good_chosen"][0] <= 1
 
 
-def test_best_of_n_matched_to_rain_compute(rain, tmp_path):
+def test_best_of_n_matched_to_rain_compute(default_rain, tmp_path):
     out = tmp_path / "adv.jsonl"
-    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=out, methods=["vanilla", "rain", "best-of-n"],
+    run_eval(default_rain, tiny_cfg(), EvalSettings(task="advbench", out=out, methods=["vanilla", "rain", "best-of-n"],
                                             limit=1, best_of_n="match", progress=False))
     recs = {r.method: r for r in read_records(out)}
     n = recs["best-of-n"].method_config["samples"]
@@ -91,12 +87,12 @@ def test_best_of_n_matched_to_rain_compute(rain, tmp_path):
     assert spent - 2 * spent / n < rain_tokens  # stopped within about a sample of the budget
 
 
-def test_shards_are_disjoint_and_cover(rain, tmp_path):
+def test_shards_are_disjoint_and_cover(default_rain, tmp_path):
     ids = []
     for i in range(2):
         out = tmp_path / f"s{i}.jsonl"
-        run_eval(rain, tiny_cfg(), EvalSettings(task="xstest", out=out, methods=["vanilla"], limit=2, shard=(i, 2),
-                                                progress=False))
+        run_eval(default_rain, tiny_cfg(), EvalSettings(
+            task="xstest", out=out, methods=["vanilla"], limit=2, shard=(i, 2), progress=False))
         ids.append({r.id for r in read_records(out)})
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 4
 
@@ -182,9 +178,10 @@ def test_unreachable_judge_endpoint_keeps_results(tmp_path):
     assert out.read_text().splitlines()[0] == line
 
 
-def test_report_from_eval_results(rain, tmp_path):
+def test_report_from_eval_results(default_rain, tmp_path):
     out = tmp_path / "hh.jsonl"
-    run_eval(rain, tiny_cfg(), EvalSettings(task="hh", out=out, methods=["vanilla", "rain"], limit=2, progress=False))
+    run_eval(default_rain, tiny_cfg(), EvalSettings(
+        task="hh", out=out, methods=["vanilla", "rain"], limit=2, progress=False))
     proc = run_cli("report", str(out), "--out", str(tmp_path / "rep"))
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "rep" / "report.md").read_text()
@@ -193,12 +190,13 @@ def test_report_from_eval_results(rain, tmp_path):
     assert_one_line(run_cli("report", str(tmp_path / "missing.jsonl")), "missing.jsonl")
 
 
-def test_advbench_with_and_without_suffixes_report_as_two_tables(rain, tmp_path):
+def test_advbench_with_and_without_suffixes_report_as_two_tables(default_rain, tmp_path):
     """The variant goes into every record, so `rain report` over both files keeps the two apart
     (their ids coincide: advbench-0, ...)."""
     plain, gcg = tmp_path / "plain.jsonl", tmp_path / "gcg.jsonl"
-    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=plain, methods=["vanilla"], limit=2, progress=False))
-    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=gcg, methods=["vanilla"], limit=2,
+    run_eval(default_rain, tiny_cfg(), EvalSettings(
+        task="advbench", out=plain, methods=["vanilla"], limit=2, progress=False))
+    run_eval(default_rain, tiny_cfg(), EvalSettings(task="advbench", out=gcg, methods=["vanilla"], limit=2,
                                             variant="smoothllm", progress=False))
     assert all(r.meta["variant"] == "smoothllm" and r.meta["controls"] for r in read_records(gcg))
     assert {r.id for r in read_records(plain)} == {r.id for r in read_records(gcg)}
@@ -209,26 +207,26 @@ def test_advbench_with_and_without_suffixes_report_as_two_tables(rain, tmp_path)
     assert "(4 records)." in md  # none dropped as a duplicate
 
 
-def test_xstest_with_an_lm_judge(rain, tmp_path):
+def test_xstest_with_an_lm_judge(default_rain, tmp_path):
     out = tmp_path / "x.jsonl"
-    run_eval(rain, tiny_cfg(), EvalSettings(task="xstest", out=out, methods=["vanilla"], limit=1, shard=(0, 450),
-                                            judge_model="policy", progress=False))
+    run_eval(default_rain, tiny_cfg(), EvalSettings(
+        task="xstest", out=out, methods=["vanilla"], limit=1, shard=(0, 450), judge_model="policy", progress=False))
     r = read_records(out)[0]
     assert r.meta["label"] == "safe" and r.scores["over_refusal_lm"] in (0.0, 1.0)
     assert r.scores["unsafe_compliance_lm"] is None and "lm:refusal" in r.judges
 
 
-def test_batched_eval_gives_the_same_answers_and_resumes(rain, tmp_path):
+def test_batched_eval_gives_the_same_answers_and_resumes(default_rain, tmp_path):
     """--batch 3: the prompts' answers (vanilla, RAIN, best-of-n) run in one continuous batch; they
     equal the one-by-one run's, every record says its batch, and a rerun over a partial file only
     adds what is missing."""
     one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
     methods = ["vanilla", "rain", "best-of-n"]
-    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=one, methods=methods, limit=3, best_of_n="3",
+    run_eval(default_rain, tiny_cfg(), EvalSettings(task="advbench", out=one, methods=methods, limit=3, best_of_n="3",
                                             progress=False))
-    run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=many, methods=methods, limit=2, best_of_n="3",
+    run_eval(default_rain, tiny_cfg(), EvalSettings(task="advbench", out=many, methods=methods, limit=2, best_of_n="3",
                                             batch=3, progress=False))
-    result = run_eval(rain, tiny_cfg(), EvalSettings(task="advbench", out=many, methods=methods, limit=3,
+    result = run_eval(default_rain, tiny_cfg(), EvalSettings(task="advbench", out=many, methods=methods, limit=3,
                                                      best_of_n="3", batch=3, progress=False))
     assert result["written"] == 3 and result["skipped"] == 6
     a = {(r.id, r.method): r for r in read_records(one)}

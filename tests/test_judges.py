@@ -9,7 +9,6 @@ import random
 import re
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -307,10 +306,8 @@ def test_openai_backend_unreachable_endpoint():
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
     backend = OpenAIJudgeBackend(url, "m", timeout=2, max_retries=0)
-    start = time.monotonic()
     with pytest.raises(RainError) as err:
         LMJudge(backend, "harmful").judge("p", "r")
-    assert time.monotonic() - start < 10
     assert url in str(err.value) and "\n" not in str(err.value)
 
 

@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 
 from rain_llm.config import RainConfig
-from rain_llm.search import Complete, EmbedSpans, Expand, Expansion, Node, Propose, RainSearch, Value
+from rain_llm.search import (
+    Checkpoint,
+    Commit,
+    Complete,
+    EmbedSpans,
+    Expand,
+    Expansion,
+    Node,
+    Propose,
+    RainSearch,
+    Value,
+)
 
 EOS = 0
 
@@ -25,6 +36,7 @@ class FakeEnv:
         self.rng = np.random.default_rng(seed) if seed is not None else None
         self.calls: list[tuple] = []
         self.commits: list[tuple] = []
+        self.checkpoints: list = []
 
     def expand(self, answer, length, n, attempts):
         self.calls.append(("expand", answer, length, n, attempts))
@@ -57,9 +69,6 @@ class FakeEnv:
     def decode(self, tokens):
         return " ".join(map(str, tokens))
 
-    def on_commit(self, answer):
-        self.commits.append(answer)
-
     eval_budget = None  # over budget after this many evaluations
 
     def over_budget(self):
@@ -81,6 +90,12 @@ def reply(env: FakeEnv, request):
         return [env.value(a) for a in request.answers]
     if isinstance(request, EmbedSpans):
         return env.embed(request.spans)
+    if isinstance(request, Commit):
+        env.commits.append(request.answer)
+        return None
+    if isinstance(request, Checkpoint):
+        env.checkpoints.append(request.status)
+        return env.over_budget()
     assert isinstance(request, Complete)
     return env.complete(request.answer)
 
@@ -226,7 +241,20 @@ def test_commit_keeps_subtree_and_remixes_priors():
     assert s.root is best and best.parent is None and s.answer == best.tokens
     mixed = 0.75 * np.array(grand) + 0.25 / len(grand)
     assert [c.prior for c in best.children] == pytest.approx(list(mixed / mixed.sum()))
-    assert env.commits == [best.tokens]
+
+
+def test_every_commit_and_round_reaches_the_runtime_as_a_request():
+    """No side channel: the runtime learns of each commit (the answer so far) and of each round's
+    end (a checkpoint with the search's status, before any round too) from the requests."""
+    env = FakeEnv(probs=(0.6, 0.4), value=lambda a: 0.0, budget=3)
+    r = run(RainSearch(env, cfg(t_max=4)))
+    lengths = [len(c) for c in env.commits]
+    assert env.commits == [r.tokens[:n] for n in lengths] and lengths == sorted(set(lengths))
+    assert len(env.commits) == r.stats.steps and env.commits[-1] == r.tokens
+    assert env.checkpoints[0] is None  # before the first round: is the budget already spent?
+    rounds = env.checkpoints[1:]
+    assert len(rounds) == r.stats.iterations  # one leaf per round at P = 1
+    assert [c.iteration for c in rounds[:4]] == [1, 2, 3, 4] and rounds[0].step == 1 and rounds[4].step == 2
 
 
 def test_early_stop_once_best_child_is_good_enough():
@@ -284,7 +312,8 @@ def test_terminal_leaf_is_evaluated_not_expanded():
         iterate(s)
     leaf = s.root.children[0]
     assert leaf.children == [] and leaf.visits == 2
-    assert s.stats.terminal_evaluations == 2
+    assert [c[1] for c in env.calls if c[0] == "expand"] == [()]  # the root alone was expanded
+    assert [c for c in env.calls if c == ("value", leaf.tokens)] == [("value", leaf.tokens)] * 2
 
 
 def test_deterministic_under_seed():

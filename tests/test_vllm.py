@@ -31,8 +31,9 @@ import torch
 
 from rain_llm import Rain, load_config
 from rain_llm.errors import RainError
-from rain_llm.runtime.answers import candidates_from
-from rain_llm.runtime.backend import Row, SampleRows, Score, TextStop, TopTokens, run_requests
+from rain_llm.runtime.backend import Row, SampleRows, Score, TextStop, TopTokens
+from rain_llm.runtime.rain_env import candidates_from
+from rain_llm.runtime.scheduler import run_requests
 
 pytestmark = pytest.mark.slow  # a real vLLM server: left out by -m 'not slow'
 
@@ -123,15 +124,14 @@ def server(default_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(default_model_dir):
-    return Rain.load()
+def hf(default_rain):
+    return default_rain
 
 
 @pytest.fixture(scope="module")
 def vrain(server):
-    from rain_llm.engine.vllm import connect
 
-    return connect(server.url)
+    return Rain.connect(server.url)
 
 
 def chat_ids(rain: Rain, text: str) -> list[int]:
@@ -249,10 +249,130 @@ def test_rain_end_to_end_on_vllm(vrain):
     assert stats.to_dict()["engine"] == f"vllm:{NAME}"
 
 
-def test_answers_in_flight_at_once(server):
-    from rain_llm.engine.vllm import connect
+def metrics(url: str) -> dict[str, float]:
+    """The server's own counters: prompt tokens it computed (not found cached) and tokens it generated."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    found = {"computed": 0.0, "generated": 0.0}
+    for line in text.splitlines():
+        if line.startswith("vllm:prompt_tokens_by_source_total{") and 'source="local_compute"' in line:
+            found["computed"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:generation_tokens_total{"):
+            found["generated"] += float(line.rsplit(" ", 1)[1])
+    return found
 
-    rain = connect(server.url)  # a fresh backend: its own count of requests in flight
+
+def test_tokens_processed_are_what_the_server_computed(server):
+    """Every answer's tokens processed equal the server's own counters over the same work (each body
+    holds one prompt and one choice, so its usage is exact), and never fall below the least work
+    (a cache salt of its own: nothing of earlier tests is found cached)."""
+    import uuid
+
+    rain = Rain.connect(server.url, salt=uuid.uuid4().hex)
+    for prompts, config in (([PROMPTS[1]], load_config("fast", max_new_tokens=8, t_max=4)),
+                            (PROMPTS[:2], load_config("fast", max_new_tokens=6, t_max=3, seed=2))):
+        before = metrics(server.url)
+        outs = rain.generate_many(prompts, config)
+        after = metrics(server.url)
+        served = sum(after[k] - before[k] for k in after)
+        counted = sum(o.stats.compute.lm_tokens for o in outs)
+        assert abs(counted - served) <= 0.02 * served, (counted, served)
+        for out in outs:
+            assert out.stats.compute.lm_tokens >= out.stats.compute.least_work
+
+
+def test_a_whole_search_on_vllm_equals_the_same_search_on_transformers(hf, vrain):
+    """Where no sampling can differ (one-token sets: candidates are the top tokens; greedy rollouts;
+    the vote value), RAIN on vLLM makes the same search as on the transformers engine: every step's
+    tree, node by node (visits, values, priors, similarity updates, dynamic additions)."""
+    config = load_config("fast", token_set_lengths=(1,), rollout_temperature=0.0, num_candidates=3, t_max=8,
+                         t_min=2, max_new_tokens=5, max_rollout_tokens=12, value_mode="vote", dynamic_max_children=6,
+                         similarity_threshold=0.6, dynamic_variance_scale=1.0, dynamic_q_threshold=1.01)
+    # (a lower similarity threshold and a looser dynamic-addition rule than the paper's, so that both
+    # rewind mechanisms act in a search this small and their results are compared too)
+
+    def same(a: dict, b: dict, where: str) -> None:
+        assert a["tokens"] == b["tokens"], where
+        assert (a["visits"], a["similarity_updates"], a["dynamic"]) == \
+            (b["visits"], b["similarity_updates"], b["dynamic"]), where
+        assert a["n"] == pytest.approx(b["n"], abs=1e-6) and a["value"] == pytest.approx(b["value"], abs=1e-6), where
+        assert a["prior"] == pytest.approx(b["prior"], abs=1e-4), where
+        assert len(a["children"]) == len(b["children"]), where
+        for i, (x, y) in enumerate(zip(a["children"], b["children"])):
+            same(x, y, f"{where}/{i}")
+
+    updates = added = 0
+    for prompt in PROMPTS[:2]:
+        ours, theirs = hf.generate(prompt, config, trace=True), vrain.generate(prompt, config, trace=True)
+        assert theirs.token_ids == ours.token_ids
+        assert theirs.stats.to_dict()["iterations_per_step"] == ours.stats.to_dict()["iterations_per_step"]
+        for name in ("nodes", "rewinds", "similarity_updates", "dynamic_additions", "value_cache_hits"):
+            assert theirs.stats.to_dict()[name] == ours.stats.to_dict()[name], name
+        for step, (a, b) in enumerate(zip(ours.trace, theirs.trace, strict=True)):
+            same(a["tree"], b["tree"], f"{prompt[:12]}: step {step}")
+        updates += ours.stats.search.similarity_updates
+        added += ours.stats.search.dynamic_additions
+    assert updates > 0 and added > 0  # the comparison covered both rewind mechanisms
+
+
+class RejectedLater:
+    """A value whose evaluator asks the model correctly at first, then (from its third evaluation)
+    with a prompt longer than the server's --max-model-len: a request the server refuses mid-search."""
+
+    name = "rejected-later"
+
+    def __init__(self, rain: Rain):
+        self.inner = rain.value_source(load_config("fast"))
+
+    def bind(self, prompt):
+        evaluator = self.inner.bind(prompt)
+        calls, request = [0], evaluator.request
+
+        def late(response, owner=None):
+            calls[0] += 1
+            score = request(response, owner)
+            if calls[0] >= 3:
+                score.prefix = score.prefix * 40
+            return score
+
+        evaluator.request = late
+        return evaluator
+
+
+def test_a_request_the_server_refuses_mid_search_fails_that_answer_alone(vrain):
+    from rain_llm.runtime.scheduler import Failure
+
+    config = load_config("fast", max_new_tokens=6, t_max=3)
+    alone = vrain.generate(PROMPTS[0], config)
+    batch = vrain.continuous_batch()
+    batch.add("good", PROMPTS[0], config)
+    batch.add("bad", PROMPTS[1], config, value_fn=RejectedLater(vrain))
+    out = {}
+    for finished in batch.drain([], max_in_flight=2):
+        out.update(finished)
+    failure = out["bad"]
+    assert isinstance(failure, Failure) and failure.status == 400, failure
+    assert "--max-model-len" in failure.message and "\n" not in failure.message
+    assert out["good"].token_ids == alone.token_ids
+    assert out["good"].stats.iterations_per_step == alone.stats.iterations_per_step
+    assert vrain.backend.in_flight() == 0
+
+
+def test_settings_the_server_cannot_serve_are_refused_before_any_work(vrain):
+    assert vrain.backend.max_logprobs == 20  # probed: the server's --max-logprobs
+    before = vrain.backend.http_requests
+    with pytest.raises(RainError) as err:
+        vrain.generate(PROMPTS[0], load_config("fast", num_candidates=25))
+    one_line(err, "num_candidates=25", "--max-logprobs 25")
+    with pytest.raises(RainError) as err:
+        vrain.generate(PROMPTS[0], load_config("fast", top_k=30))
+    one_line(err, "top_k=30", "--max-logprobs 30")
+    assert vrain.backend.http_requests == before
+
+
+def test_answers_in_flight_at_once(server):
+
+    rain = Rain.connect(server.url)  # a fresh backend: its own count of requests in flight
     outs = rain.generate_many(PROMPTS, method="vanilla", max_new_tokens=12)
     assert rain.backend.peak_in_flight >= 2  # the three answers' requests were sent together
     alone = [rain.generate(p, method="vanilla", max_new_tokens=12).token_ids for p in PROMPTS]
@@ -262,10 +382,9 @@ def test_answers_in_flight_at_once(server):
 def test_each_answer_stays_on_one_server(server):
     """Two servers (the same one, by two names: one server is what this machine affords): answers
     are spread over them, and all of an answer's requests go to the server it started on."""
-    from rain_llm.engine.vllm import connect
 
     urls = [server.url, f"http://localhost:{server.port}"]
-    rain = connect(urls)
+    rain = Rain.connect(urls)
     outs = rain.generate_many(PROMPTS, load_config("fast", max_new_tokens=4, t_max=2))
     assert all(o.text.strip() for o in outs)
     seen = defaultdict(set)
@@ -294,19 +413,23 @@ def one_line(err: pytest.ExceptionInfo, *words: str) -> str:
 
 
 def test_wrong_url_nothing_listening_and_model_name(server, vrain):
-    from rain_llm.engine.vllm import VLLMBackend, connect
+    from rain_llm.engine.vllm import VLLMBackend
+    from rain_llm.engine.vllm.client import Client
+    from rain_llm.engine.vllm.wire import Wire
 
     with pytest.raises(RainError) as err:
-        connect(server.url + "/nope")
+        Rain.connect(server.url + "/nope")
     one_line(err, server.url + "/nope", "/v1/models", "base URL")
     port = free_port()
     with pytest.raises(RainError) as err:
-        connect(f"http://127.0.0.1:{port}")
-    one_line(err, f"127.0.0.1:{port}", "connection refused")
+        Rain.connect(f"http://127.0.0.1:{port}")
+    one_line(err, f"127.0.0.1:{port}", "cannot reach", "--engine-url")
     with pytest.raises(RainError) as err:
-        connect(server.url, name="nope")
+        Rain.connect(server.url, name="nope")
     one_line(err, server.url, "'smol'", "'nope'")
-    wrong = VLLMBackend([server.url], "nope", vrain.codec, context_window=2048)
+    client = Client()
+    wrong = VLLMBackend([client.server(server.url)], client, Wire("nope", vrain.codec), context_window=2048,
+                        max_logprobs=20)
     with pytest.raises(RainError) as err:
         run_requests(wrong, [TopTokens("a", "expand", [1, 2, 3], 2)])
     one_line(err, server.url, "nope")
@@ -323,7 +446,7 @@ def test_prompt_over_the_servers_length_and_logprobs_limit(server, vrain):
     with pytest.raises(RainError) as err:
         run_requests(vrain.backend, [TopTokens("a", "expand", [1, 2, 3], 21)])
     one_line(err, server.url, "--max-logprobs")
-    assert not vrain.backend.busy()  # a failed request leaves nothing behind
+    assert vrain.backend.in_flight() == 0  # a failed request leaves nothing behind
     assert vrain.generate(PROMPTS[2], method="vanilla", max_new_tokens=4).text  # and the backend goes on
 
 
@@ -344,19 +467,19 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
 
 
 def test_api_key_from_the_environment(monkeypatch):
-    from rain_llm.engine.vllm import DEFAULT_KEY_ENV, connect
+    from rain_llm.engine.vllm import DEFAULT_KEY_ENV
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("MY_VLLM_KEY", "s3cret")
         with pytest.raises(RainError) as err:
-            connect(f"http://127.0.0.1:{httpd.server_port}", key_env="MY_VLLM_KEY")
+            Rain.connect(f"http://127.0.0.1:{httpd.server_port}", key_env="MY_VLLM_KEY")
         one_line(err, "401", "$MY_VLLM_KEY")
         assert _Refusing.seen[-1] == "Bearer s3cret"
         monkeypatch.delenv(DEFAULT_KEY_ENV, raising=False)
         with pytest.raises(RainError):
-            connect(f"http://127.0.0.1:{httpd.server_port}")
+            Rain.connect(f"http://127.0.0.1:{httpd.server_port}")
         assert _Refusing.seen[-1] == ""  # no key set: none sent
     finally:
         httpd.shutdown()
@@ -367,7 +490,6 @@ def test_server_killed_mid_answer(default_model_dir, tmp_path):
     """A throwaway server dies (SIGKILL) while an answer is searching in this process and while
     `rain eval --engine vllm` runs in another: the answer fails with one RainError line, no hang;
     the eval keeps the records it wrote and exits 2 with one line."""
-    from rain_llm.engine.vllm import connect
 
     doomed = VLLMServer(default_model_dir, tmp_path / "doomed.log")
     try:
@@ -378,7 +500,7 @@ def test_server_killed_mid_answer(default_model_dir, tmp_path):
             [sys.executable, "-m", "rain_llm.shells.cli", "eval", "advbench", "--data", str(data), "--methods",
              "vanilla", "--max-new-tokens", "8", "--quiet", "--threads", "1", "--engine", "vllm", "--engine-url",
              doomed.url, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        rain = connect(doomed.url)
+        rain = Rain.connect(doomed.url)
         failure: list[BaseException] = []
 
         def search() -> None:

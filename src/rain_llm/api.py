@@ -13,8 +13,8 @@ over the model's backend: here the transformers engine, `rain_llm.engine.hf`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rain_llm.config import RainConfig
 from rain_llm.engine.hf.backend import HFBackend
@@ -22,7 +22,7 @@ from rain_llm.engine.hf.engine import HFEngine
 from rain_llm.engine.hf.models import load_model
 from rain_llm.errors import RainError
 from rain_llm.runtime.accounting import Compute
-from rain_llm.runtime.answers import Answer, AnswerStats, Generation, Setup
+from rain_llm.runtime.answers import Answer, AnswerStats, Generation
 from rain_llm.runtime.backend import Backend
 from rain_llm.runtime.prompts import (
     TURN_MARKER,
@@ -34,16 +34,21 @@ from rain_llm.runtime.prompts import (
     prompt_format,
     user_request,
 )
-from rain_llm.runtime.scheduler import Scheduler, Templates
+from rain_llm.runtime.scheduler import Failure, Scheduler, Templates
+from rain_llm.runtime.setup import Evaluator, ModelJudge, ProgressFn, Setup
 from rain_llm.runtime.text import Codec, stop_ids
-from rain_llm.search import ProgressFn
 from rain_llm.values.embedder import EmbedderBackend, MiniLMEmbedder
 from rain_llm.values.sources import CallableValue, ValueSource, build_value_source
 from rain_llm.values.templates import SelfEvaluator, load_template
 
-ValueArg = ValueSource | Callable[[str, str], float] | None
+if TYPE_CHECKING:
+    from rain_llm.engine.vllm import Remote
 
-__all__ = ["Rain", "ContinuousBatch", "Generation", "AnswerStats"]
+ValueArg = ValueSource | Callable[[str, str], float] | None
+Item = tuple[Hashable, Prompt, RainConfig] | Answer  # what joins a continuous batch
+Finished = Generation | Failure  # what leaves it
+
+__all__ = ["Rain", "ContinuousBatch", "Generation", "AnswerStats", "Failure", "raise_failure"]
 
 
 class Rain:
@@ -64,7 +69,7 @@ class Rain:
         self._no_reuse: Backend | None = None
         self._embedder = embedder
         self._embedder_backend: EmbedderBackend | None = None
-        self._value_sources: dict[tuple, ValueSource] = {}
+        self._value_sources: dict[tuple[Any, ...], ValueSource] = {}
         self._lock = threading.RLock()
         self.templates = Templates()
 
@@ -74,6 +79,25 @@ class Rain:
         """Load a Hugging Face id, a local folder, a .gguf file, or (None) the bundled default."""
         lm, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
         return cls(lm, tok, name=model or "default")
+
+    @classmethod
+    def connect(cls, urls: str | Sequence[str], tokenizer: str | None = None, *, key_env: str = "RAIN_ENGINE_KEY",
+                name: str | None = None, timeout: float | None = None, isolate_scoring: bool | None = None,
+                salt: str | None = None) -> Rain:
+        """RAIN on the vLLM servers at `urls` (one model): the search, tokenizer and embedder here,
+        the language model there. See `rain_llm.engine.vllm.open_servers` for the checks and options."""
+        from rain_llm.engine.vllm import open_servers
+
+        return cls.from_remote(open_servers(urls, tokenizer, key_env=key_env, name=name, timeout=timeout,
+                                            isolate_scoring=isolate_scoring, salt=salt))
+
+    @classmethod
+    def from_remote(cls, remote: Remote) -> Rain:
+        """A `Rain` over opened servers (one codec, so one tokenizer lock, for the backend and the API)."""
+        rain = cls(None, remote.tokenizer, backend=remote.backend, stop=sorted(remote.codec.stop_ids),
+                   name=remote.name)
+        rain.codec = remote.codec
+        return rain
 
     @property
     def device(self) -> str:
@@ -93,7 +117,7 @@ class Rain:
         if cfg.reuse_cache:
             return self.backend
         if self._no_reuse is None:
-            self._no_reuse = self.backend.scope(reuse_cache=False)  # type: ignore[call-arg]
+            self._no_reuse = self.backend.scope(reuse_cache=False)
         return self._no_reuse
 
     def value_source(self, cfg: RainConfig, value: ValueArg = None) -> ValueSource:
@@ -106,7 +130,7 @@ class Rain:
         with self._lock:  # answers may be prepared on several threads (the server's handlers)
             return self._value_source(key, cfg)
 
-    def _value_source(self, key: tuple, cfg: RainConfig) -> ValueSource:
+    def _value_source(self, key: tuple[Any, ...], cfg: RainConfig) -> ValueSource:
         if key not in self._value_sources:
             chat = has_chat_template(self.tokenizer) if cfg.eval_format == "auto" else cfg.eval_format == "chat"
             if chat and not has_chat_template(self.tokenizer):
@@ -142,6 +166,8 @@ class Rain:
             raise RainError(f"invalid best_of_n_tokens {best_of_n_tokens!r}: a positive integer, with best_of_n")
         fmt, context = self.prepare(prompt, cfg)
         policy = self.policy(cfg)
+        if (refused := policy.refusal(cfg)) is not None:
+            raise RainError(refused)
         setup = Setup(key, cfg, fmt, context, policy, self.codec, trace=trace, progress=progress,
                       best_of_n=best_of_n, best_of_n_tokens=best_of_n_tokens)
         if cfg.method == "rain" or best_of_n is not None:
@@ -149,7 +175,7 @@ class Rain:
             self._check_evaluation(setup.evaluator, cfg)
         if cfg.method == "rain" and best_of_n is None:
             setup.embedder = self.embedder_backend
-            if isinstance(setup.evaluator, SelfEvaluator):
+            if isinstance(setup.evaluator, ModelJudge):
                 setup.constant = setup.evaluator.constant_ids()  # kept cached once the answer joins a scheduler
         return Answer(setup)
 
@@ -160,7 +186,7 @@ class Rain:
                 self._embedder_backend = EmbedderBackend(self.embedder)
             return self._embedder_backend
 
-    def _check_evaluation(self, evaluator: Any, cfg: RainConfig) -> None:
+    def _check_evaluation(self, evaluator: Evaluator, cfg: RainConfig) -> None:
         """The self-evaluation prompts must fit the judging model's context window."""
         if isinstance(evaluator, SelfEvaluator):
             window = evaluator.backend.context_window
@@ -169,10 +195,9 @@ class Rain:
                 raise RainError(f"prompt too long: its self-evaluation prompt ({eval_len} tokens) plus the "
                                 f"answer budget exceeds the model's context window of {window}")
 
-    def continuous_batch(self, schedule: str = "token") -> ContinuousBatch:
-        """Answers that join and leave a running batch (see ContinuousBatch; `schedule` as in
-        `generate_many`)."""
-        return ContinuousBatch(self, schedule)
+    def continuous_batch(self) -> ContinuousBatch:
+        """Answers that join and leave a running batch (see ContinuousBatch)."""
+        return ContinuousBatch(self)
 
     def generate(self, prompt: Prompt, config: RainConfig | None = None, *, trace: bool = False,
                  progress: ProgressFn | None = None, value_fn: ValueArg = None, best_of_n: int | None = None,
@@ -186,27 +211,26 @@ class Rain:
                                   best_of_n=best_of_n, best_of_n_tokens=best_of_n_tokens, **overrides)[0]
 
     def generate_many(self, prompts: Sequence[Prompt], config: RainConfig | None = None, *, trace: bool = False,
-                      progress: ProgressFn | None = None, value_fn: ValueArg = None, schedule: str = "token",
+                      progress: ProgressFn | None = None, value_fn: ValueArg = None,
                       best_of_n: int | None = None, best_of_n_tokens: int | None = None,
                       **overrides: Any) -> list[Generation]:
         """Answer several prompts at once, same settings for all, in one scheduler: their model calls
-        (expansions, evaluations, embeddings) are batched across prompts. `schedule`: "token"
-        (default) steps the answers one token at a time, each moving on as soon as its own rows are
-        done; "round" runs whole search iterations in lockstep (kept for comparison). Each answer's
-        stats hold its own share of the work (`compute`) and, with several prompts, the whole
-        batch's (`batch_compute`)."""
+        (expansions, evaluations, embeddings) are batched across prompts, a token at a time, each
+        answer moving on as soon as its own rows are done. Each answer's stats hold its own share of
+        the work (`compute`) and, with several prompts, the whole batch's (`batch_compute`). An answer
+        that fails raises its error (the others were answered as if it had never come)."""
         cfg = config or RainConfig()
         cfg = cfg.replace(**overrides) if overrides else cfg.validate()
         if not isinstance(prompts, list | tuple) or not prompts:
             raise RainError("no prompts: give at least one")
-        scheduler = Scheduler(self.templates, schedule)
+        scheduler: Scheduler[Generation] = Scheduler(self.templates)
         answers = [self.answer(i, p, cfg, value_fn=value_fn, trace=trace, best_of_n=best_of_n,
                                best_of_n_tokens=best_of_n_tokens, progress=progress if len(prompts) == 1 else None)
                    for i, p in enumerate(prompts)]  # every prompt checked before any work
         for answer in answers:
             scheduler.add(answer)
         done = scheduler.run()
-        out = [done[i] for i in range(len(prompts))]
+        out = [raise_failure(done[i]) for i in range(len(prompts))]
         if len(out) > 1:
             whole = Compute.merged(answer.compute for answer in answers)
             for generation in out:
@@ -216,24 +240,27 @@ class Rain:
 
 class ContinuousBatch:
     """Answers that join a running batch and leave it when done (continuous batching, what a
-    server needs). `add` starts an answer, `step` runs one round of every answer in flight and
-    returns those that finished. Answers may differ in settings and methods. Each answer equals
-    `Rain.generate`'s: it draws from its own random stream and its compute is its own share.
+    server needs). `add` starts an answer, `step` runs one step of every answer in flight and
+    returns those that ended (a `Generation`, or the `Failure` of that answer alone); `drain`
+    keeps a batch full from a stream of items. Answers may differ in settings and methods. Each
+    answer equals `Rain.generate`'s: it draws from its own random stream and its compute is its
+    own share.
 
         batch = rain.continuous_batch()
-        batch.add("a", "How do I pick a lock?", cfg)
-        while batch:
-            for key, generation in batch.step().items(): ...
-            # add more at any time
+        for finished in batch.drain(((i, p, cfg) for i, p in enumerate(prompts)), max_in_flight=8):
+            for key, out in finished.items(): ...
     One batch at a time per Rain: the answers share the model's cache.
     """
 
-    def __init__(self, rain: Rain, schedule: str = "token"):
+    def __init__(self, rain: Rain):
         self.rain = rain
-        self.scheduler = Scheduler(rain.templates, schedule)
+        self.scheduler: Scheduler[Generation] = Scheduler(rain.templates)
 
     def __len__(self) -> int:
         return len(self.scheduler)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.scheduler
 
     def add(self, key: Hashable, prompt: Prompt, config: RainConfig, *, value_fn: ValueArg = None) -> None:
         """Start answering `prompt`. Raises RainError (and starts nothing) for a bad prompt or setting."""
@@ -241,7 +268,7 @@ class ContinuousBatch:
 
     def add_many(self, items: Sequence[tuple[Hashable, Prompt, RainConfig]], *, value_fn: ValueArg = None) -> None:
         """Start several answers, (key, prompt, settings) each; their prompts and evaluation prompts
-        are encoded together in the next round. Every item is checked first: one bad item raises
+        are encoded together in the next step. Every item is checked first: one bad item raises
         RainError and none starts."""
         keys = [key for key, _, _ in items]
         for key in keys:
@@ -255,11 +282,48 @@ class ContinuousBatch:
         """Start an answer prepared elsewhere (`Rain.answer`: e.g. on a server's request thread)."""
         self.scheduler.add(answer)
 
-    def step(self) -> dict[Hashable, Generation]:
-        """One round of every answer in flight; the answers finished."""
+    def step(self) -> dict[Hashable, Finished]:
+        """One step of every answer in flight; the answers that ended."""
         return self.scheduler.step()
 
-    def stop(self, key: Hashable) -> Generation | None:
+    def drain(self, items: Iterable[Item | None], max_in_flight: int) -> Iterator[dict[Hashable, Finished]]:
+        """Answer `items` with at most `max_in_flight` in flight: whenever there is room, the next
+        items join (together, so their prompts are encoded in one forward); after every step, the
+        answers that ended in it (possibly none). An item that cannot start ends at once as its
+        `Failure`. An item of None means "nothing more for now" (a server's queue is empty): the
+        batch steps on with what it has. Ends when `items` is exhausted and nothing is in flight.
+        Between steps the caller may `stop`, `cancel` or read `partial_text` of any answer."""
+        if max_in_flight < 1:
+            raise RainError(f"invalid max_in_flight {max_in_flight}: at least 1")
+        source = iter(items)
+        exhausted = False
+        while True:
+            failed: dict[Hashable, Finished] = {}
+            while not exhausted and len(self) < max_in_flight:
+                item = next(source, _END)
+                if item is _END:
+                    exhausted = True
+                elif item is None:
+                    break
+                else:
+                    self._start(item, failed)  # type: ignore[arg-type]
+            if not self and exhausted:
+                if failed:
+                    yield failed
+                return
+            yield failed | (self.step() if self else {})
+
+    def _start(self, item: Item, failed: dict[Hashable, Finished]) -> None:
+        key = item.key if isinstance(item, Answer) else item[0]
+        try:
+            if isinstance(item, Answer):
+                self.add_answer(item)
+            else:
+                self.add(*item)
+        except RainError as err:
+            failed[key] = Failure(key, err)
+
+    def stop(self, key: Hashable) -> Finished | None:
         """End an answer now (a deadline) with what it committed so far; None if it is not here."""
         return self.scheduler.stop(key)
 
@@ -271,10 +335,20 @@ class ContinuousBatch:
         """The text a live RAIN answer has committed so far, held back where it may still change
         (an unfinished character; a transcript's possible start of a new turn). RAIN never revises
         a commit, so the final text starts with it. None for answers not searching now."""
-        answer = self.scheduler.answers.get(key)
-        if answer is None or answer.search is None:
+        job = self.scheduler.jobs.get(key)
+        if not isinstance(job, Answer) or job.search is None:
             return None
-        text = answer.setup.text(answer.committed())
-        if not answer.setup.fmt.chat:
+        text = job.setup.text(job.committed())
+        if not job.setup.fmt.chat:
             text = text[:max(0, len(text) - len(TURN_MARKER))]
         return text.rstrip("\ufffd")
+
+
+_END = object()
+
+
+def raise_failure(finished: Finished) -> Generation:
+    """An answer's generation, or its error raised (the CLI prints it as one line)."""
+    if isinstance(finished, Failure):
+        raise finished.error
+    return finished

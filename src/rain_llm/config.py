@@ -43,7 +43,7 @@ class RainConfig:
     # --- simulation before evaluation
     rollout_stop_chars: str = ",.?:;\n"  # official simg(): stop at , . ? : ; newline
     max_rollout_tokens: int = 64  # ours: the official code has no bound short of maxlen
-    rollout_temperature: float = 1.0  # official simg(): full distribution, temperature 1
+    rollout_temperature: float = 1.0  # official simg(): full distribution, temperature 1 (ours: 0 = greedy)
 
     # --- self-evaluation
     value: str = "self"  # what steers: self, judge:MODEL, reward:MODEL, vader, afinn (see values.py)
@@ -100,9 +100,10 @@ class RainConfig:
             raise RainError(f"invalid config: t_min={self.t_min} is greater than t_max={self.t_max}")
         if not self.token_set_lengths or any(n < 1 for n in self.token_set_lengths):
             raise bad("token_set_lengths", "needs at least one length, each at least 1")
-        for name in ("temperature", "rollout_temperature"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "must be positive")
+        if not self.temperature > 0:
+            raise bad("temperature", "must be positive")
+        if not self.rollout_temperature >= 0:
+            raise bad("rollout_temperature", "must not be negative (0: greedy rollouts)")
         for name in ("c_puct", "similarity_gamma", "dynamic_variance_scale"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
@@ -146,7 +147,6 @@ PRESETS: dict[str, dict[str, Any]] = {
              "fresh_iterations": 3, "token_set_lengths": (1, 2, 4, 8), "max_new_tokens": 48},
 }
 
-FIELD_NAMES = tuple(f.name for f in fields(RainConfig))
 
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:
@@ -214,4 +214,4 @@ def token_set_length(config: RainConfig, depth: int) -> int:
     return lengths[min(depth, len(lengths) - 1)]
 
 
-__all__ = ["RainConfig", "PRESETS", "FIELD_NAMES", "load_config", "token_set_length"]
+__all__ = ["RainConfig", "PRESETS", "load_config", "token_set_length"]

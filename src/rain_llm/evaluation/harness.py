@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from rain_llm.api import Generation, Rain
+from rain_llm.api import Generation, Item, Rain
 from rain_llm.config import RainConfig
-from rain_llm.errors import RainError
+from rain_llm.errors import EngineError, EngineUnavailable, RainError
 from rain_llm.evaluation.data import load_examples, select
 from rain_llm.evaluation.records import TASKS, Example, Record, read_records
 from rain_llm.runtime.accounting import Compute
-from rain_llm.runtime.backend import run_requests
+from rain_llm.runtime.scheduler import Failure, run_requests
 from rain_llm.values.templates import SelfEvaluator, value_from_probabilities
 
 METHODS = ("vanilla", "rain", "best-of-n")
@@ -283,6 +283,19 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             return {"best_of_n": MATCH_CAP, "best_of_n_tokens": match_budget(spent["rain"].get(str(ex.id)))}
         return {"best_of_n": int(settings.best_of_n)}
 
+    def record_failure(ex: Example, method: str, failure: Failure) -> None:
+        """An answer that failed alone: a record that says why (no scores; a rerun tries it again).
+        An engine that cannot be reached stops the run (every answer would fail the same way)."""
+        nonlocal written
+        if isinstance(failure.error, EngineUnavailable) or not isinstance(failure.error, RainError):
+            raise failure.error
+        append(settings.out, Record(task=task, id=str(ex.id), method=method, prompt=task_prompt(task, ex),
+                                    response="", scores={}, judges={}, model=rain.name, seed=cfg.seed,
+                                    error=failure.message))
+        print(f"rain eval: {ex.id} ({method}) failed: {failure.message}", file=sys.stderr, flush=True)
+        written += 1
+        bar.update(1)
+
     def answer_and_record(ex: Example, method: str, batched: Generation | None = None) -> None:
         """Answer (unless `batched` holds the answer already), judge, append one record."""
         nonlocal written
@@ -302,12 +315,11 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             if batched is not None:
                 gen = batched
                 method_config["batch"] = gen.stats.batch
-            elif method == "vanilla":
-                gen = rain.generate(prompt, cfg, method="vanilla")
-            elif method == "rain":
-                gen = rain.generate(prompt, cfg)
             else:
-                gen = rain.generate(prompt, cfg, **args)
+                try:
+                    gen = rain.generate(prompt, cfg, **({"method": method} if method != "best-of-n" else args))
+                except EngineError as err:
+                    return record_failure(ex, method, Failure(str(ex.id), err))
             if method == "best-of-n":
                 method_config["samples"] = gen.stats.samples
                 if "best_of_n_tokens" in args:
@@ -342,7 +354,10 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
             args = best_of_n_args if method == "best-of-n" else None
             config = cfg if args else cfg.replace(method=method)
             for ex, gen in answer_continuously(rain, task, items, config, settings.batch, args):
-                answer_and_record(ex, method, gen)
+                if isinstance(gen, Failure):
+                    record_failure(ex, method, gen)
+                else:
+                    answer_and_record(ex, method, gen)
     else:  # prompt by prompt, methods in the order given
         for ex, method in todo:
             answer_and_record(ex, method)
@@ -353,23 +368,22 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
 
 def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainConfig, batch: int,
                         best_of_n: Callable[[Example], dict[str, int]] | None = None,
-                        ) -> Iterator[tuple[Example, Generation]]:
+                        ) -> Iterator[tuple[Example, Generation | Failure]]:
     """Answers to `items`, `batch` at a time in one continuous batch: when an answer finishes the
     next prompt joins, so no prompt waits for the slowest of a window. Yields each as it finishes.
     `best_of_n(example)`: best-of-n answers with these arguments (see Rain.answer)."""
-    running = rain.continuous_batch()
-    queue = list(items)
-    by_key = {}
-    while queue or running:
-        joining = [queue.pop(0) for _ in range(min(len(queue), batch - len(running)))]
-        if best_of_n is None:
-            running.add_many([(str(ex.id), task_prompt(task, ex), cfg) for ex in joining])
-        else:
-            for ex in joining:
-                running.add_answer(rain.answer(str(ex.id), task_prompt(task, ex), cfg, **best_of_n(ex)))
-        by_key.update((str(ex.id), ex) for ex in joining)
-        for key, gen in running.step().items():
-            yield by_key.pop(key), gen
+    by_key = {str(ex.id): ex for ex in items}
+
+    def joining() -> Iterator[Item]:
+        for ex in items:
+            if best_of_n is None:
+                yield str(ex.id), task_prompt(task, ex), cfg
+            else:
+                yield rain.answer(str(ex.id), task_prompt(task, ex), cfg, **best_of_n(ex))
+
+    for finished in rain.continuous_batch().drain(joining(), batch):
+        for key, gen in finished.items():
+            yield by_key.pop(str(key)), gen
 
 
 MATCH_CAP = 64  # most samples --best-of-n match draws

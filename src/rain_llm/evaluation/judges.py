@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rain_llm.errors import RainError
-from rain_llm.runtime.backend import Score, run_requests
+from rain_llm.runtime.backend import Score
+from rain_llm.runtime.scheduler import run_requests
 
 # ---------------------------------------------------------------------------------------------- rule judges
 

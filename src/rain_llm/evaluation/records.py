@@ -45,9 +45,13 @@ class Record:
     compute: dict[str, Any] = field(default_factory=dict)  # the engine's counters, as in Generation.stats
     method_config: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    error: str = ""  # why this answer failed (alone): no scores; a rerun answers it again
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        data = asdict(self)
+        if not self.error:
+            del data["error"]
+        return json.dumps(data, ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, d: Any) -> Record:
@@ -63,8 +67,9 @@ class Record:
         return cls(**known)
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """All records of a results file; a clear error for a file that is not one."""
+def read_records(path: str | Path, *, failed: bool = False) -> list[Record]:
+    """The answered records of a results file (with `failed`, also those of answers that failed);
+    a clear error for a file that is not one."""
     path = Path(path)
     if path.is_dir():
         raise RainError(f"{path} is a folder, not a results file")
@@ -76,7 +81,9 @@ def read_records(path: str | Path) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                out.append(Record.from_dict(json.loads(line)))
+                record = Record.from_dict(json.loads(line))
+                if failed or not record.error:
+                    out.append(record)
             except json.JSONDecodeError:
                 if n > 1 and not line.endswith("\n"):
                     break  # a line cut off by a crash: everything before it stands

@@ -17,8 +17,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PHASES = ("prefill", "expand", "simulate", "evaluate", "embed", "generate")
-
 
 @dataclass(eq=False)  # hashed by identity: the engine keeps the receipts a call touched in a set
 class Receipt:
@@ -55,12 +53,15 @@ class PhaseCount:
         self.seconds += other.seconds
 
 
+_Trie = dict[int, "_Trie"]
+
+
 class LeastWork:
     """The least work an answer could have cost: every distinct token position it asked the model
     about (contexts whose logits it needed, rows it decoded, prompts it scored), each once."""
 
     def __init__(self) -> None:
-        self.root: dict[int, dict] = {}
+        self.root: _Trie = {}
         self.tokens = 0
 
     def add(self, sequence: Sequence[int], *, count: bool = True) -> None:

@@ -2,10 +2,7 @@
 
 Each answer is a generator that yields lists of calls (a backend and a request for it) and gets
 their results back, in order; the scheduler batches the calls of every answer in flight. For
-RAIN, `RainEnv` turns the search's token-level requests (`rain_llm.search.requests`) into backend
-requests: it adds the prompt, builds the candidate and rollout rows with this answer's own random
-stream (so an answer is the same alone or in any batch), renders the self-evaluation prompts,
-caches values, and reads the results back as the search wants them.
+RAIN, `RainEnv` (`rain_env.py`) says what each of the search's requests means for this answer.
 
 Phases booked: prefill (prompt and evaluation prompt), expand (candidate token sets), simulate
 (rollouts), evaluate (self-evaluation), embed (sentence embeddings), generate (plain decoding:
@@ -16,46 +13,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Hashable, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from rain_llm.config import RainConfig
 from rain_llm.runtime.accounting import Compute
-from rain_llm.runtime.backend import (
-    Backend,
-    Embed,
-    ModelRequest,
-    Prefill,
-    Row,
-    Sample,
-    SampleRows,
-    TextStop,
-    TopTokens,
-)
-from rain_llm.runtime.prompts import TURN_MARKER, PromptFormat
-from rain_llm.runtime.text import Codec
-from rain_llm.search import (
-    Candidates,
-    Complete,
-    EmbedSpans,
-    Expand,
-    ExpandJob,
-    Expansion,
-    ProgressFn,
-    Propose,
-    RainSearch,
-    SearchRequest,
-    SearchResult,
-    SearchStats,
-    Tokens,
-    Value,
-)
-from rain_llm.values.templates import SelfEvaluator
+from rain_llm.runtime.backend import Backend, Call, Row, Sample, SampleRows
+from rain_llm.runtime.rain_env import RainEnv
+from rain_llm.runtime.scheduler import Templates
+from rain_llm.runtime.setup import ModelJudge, Setup, evaluate
+from rain_llm.search import RainSearch, SearchResult, SearchStats
 
-Call = tuple[Backend, ModelRequest]
 Steps = Generator[list[Call], list[Any], "Outcome"]
 
 
@@ -65,7 +35,7 @@ class Outcome:
 
     tokens: list[int]
     method: str
-    search: Any = None  # the SearchResult of a RAIN answer
+    search: SearchResult | None = None  # a RAIN answer's search
     value_cache_hits: int = 0
     samples: int | None = None  # best-of-n: how many, and each one's value
     values: list[float] | None = None
@@ -139,32 +109,9 @@ class Generation:
         return d
 
 
-@dataclass
-class Setup:
-    """Everything one answer needs, checked before it starts (`Rain` prepares it)."""
-
-    key: Hashable
-    cfg: RainConfig
-    fmt: PromptFormat
-    context: list[int]  # the rendered prompt
-    policy: Backend
-    codec: Codec
-    evaluator: Any = None  # bound value (RAIN, best-of-n): a SelfEvaluator (a model judges) or any `value(text)`
-    embedder: Backend | None = None
-    constant: list[int] | None = None  # the evaluation template's constant ids, kept cached across answers
-    constant_cached: bool = False  # an earlier answer left it cached: not part of this answer's least work
-    trace: bool = False
-    progress: ProgressFn | None = None
-    best_of_n: int | None = None
-    best_of_n_tokens: int | None = None  # sample until about this many LM tokens are processed (compute match)
-
-    def text(self, tokens: Sequence[int]) -> str:
-        return self.fmt.clean(self.codec.decode(tokens))
-
-
 class Answer:
-    """An answer in flight: its generator of calls, its own compute, and how it turns into a
-    `Generation`. `method`: rain, vanilla or best-of-n."""
+    """An answer in flight (a scheduler `Job`): its generator of calls, its own compute, and how
+    it turns into a `Generation`. `method`: rain, vanilla or best-of-n."""
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -172,23 +119,24 @@ class Answer:
         self.compute = Compute()
         self.env: RainEnv | None = None
         self.search: RainSearch | None = None
+        self.steps: Steps
         if setup.best_of_n is not None:
             self.method, self.steps = "best-of-n", best_of_n_steps(setup, setup.best_of_n, self.compute)
         elif setup.cfg.method == "vanilla":
             self.method, self.steps = "vanilla", vanilla_steps(setup)
         else:
-            self.env = RainEnv(setup, self.compute)
-            self.search = RainSearch(self.env, setup.cfg, trace=setup.trace, progress=setup.progress)
+            self.env = RainEnv(setup, self.compute, setup.progress)
+            self.search = RainSearch(self.env, setup.cfg, trace=setup.trace)
             self.method, self.steps = "rain", rain_steps(self.env, self.search)
         self.started = time.perf_counter()
         self.peak = 1
         self.share = 0.0
 
-    def join(self, templates: Any) -> None:
+    def join(self, templates: Templates) -> None:
         """Joining a scheduler: the evaluation template's constant part is kept cached from now on;
         where an earlier answer left it cached, it is no work of this one (least work)."""
         s = self.setup
-        if s.constant is not None:
+        if s.constant is not None and isinstance(s.evaluator, ModelJudge):
             s.constant_cached = templates.keep(s.evaluator.backend, s.constant)
             self.compute.least.add(s.constant, count=not s.constant_cached)
         self.started = time.perf_counter()
@@ -196,21 +144,27 @@ class Answer:
     def backends(self) -> list[Backend]:
         """The backends this answer may keep cache entries on (released when it ends)."""
         s = self.setup
-        found = [s.policy] + ([s.evaluator.backend] if isinstance(s.evaluator, SelfEvaluator) else [])
+        found = [s.policy] + ([s.evaluator.backend] if isinstance(s.evaluator, ModelJudge) else [])
         return list({id(b): b for b in found}.values())
+
+    def note_step(self, in_flight: int, seconds: float) -> None:
+        """`peak`: the most answers in flight beside it; `share`: an even share of each step's time."""
+        self.peak = max(self.peak, in_flight)
+        self.share += seconds / in_flight
 
     def committed(self) -> list[int]:
         """The tokens committed so far (a RAIN search never revises them)."""
         return list(self.search.answer) if self.search is not None else []
 
-    def partial(self) -> Outcome:
+    def stop(self) -> Generation:
         """What the answer is if it ends now: the committed tokens and the search so far."""
         if self.search is None:
-            return Outcome([], self.method)
-        result = SearchResult(tuple(self.search.answer), self.search.stats, [], time.perf_counter() - self.started)
-        return Outcome(self.committed(), self.method, result, self.env.value_cache_hits if self.env else 0)
+            return self.finish(Outcome([], self.method))
+        result = SearchResult(tuple(self.search.answer), self.search.stats, [])
+        return self.finish(Outcome(self.committed(), self.method, result,
+                                   self.env.value_cache_hits if self.env else 0))
 
-    def generation(self, outcome: Outcome) -> Generation:
+    def finish(self, outcome: Outcome) -> Generation:
         s = self.setup
         stats = AnswerStats(method=outcome.method, answer_tokens=len(outcome.tokens),
                             seconds=time.perf_counter() - self.started, compute=self.compute,
@@ -244,7 +198,7 @@ def best_of_n_steps(setup: Setup, n: int, compute: Compute) -> Steps:
     cfg = setup.cfg
     rng = np.random.default_rng(cfg.seed)
     budget = setup.best_of_n_tokens
-    samples: list[Any] = []
+    samples: list[Sample] = []
     values: list[float] = []
     while len(samples) < n:
         size = n - len(samples)
@@ -276,198 +230,3 @@ def rain_steps(env: RainEnv, search: RainSearch) -> Steps:
             result = stop.value
             return Outcome(list(result.tokens), "rain", result, env.value_cache_hits)
         reply = yield from env.serve(request)
-
-
-def evaluate(owner: Hashable, evaluator: Any, texts: list[str]) -> Generator[list[Call], list[Any], list[float]]:
-    """Values of answer texts: one scoring request each to the judging model, or the value
-    computed at once where no model judges (lexicons, callables, reward models)."""
-    if not isinstance(evaluator, SelfEvaluator):
-        return [evaluator.value(text) for text in texts]
-    probs = yield [(evaluator.backend, evaluator.request(text, owner)) for text in texts]
-    return [evaluator.value_from(p) for p in probs]
-
-
-# ---------------------------------------------------------------------------------------------- RAIN
-class RainEnv:
-    """The search's view of one prompt (`SearchEnv`), and the translation of its requests into
-    backend calls (`serve`)."""
-
-    def __init__(self, setup: Setup, compute: Compute):
-        self.setup = setup
-        self.key = setup.key
-        self.cfg = setup.cfg
-        self.codec = setup.codec
-        self.context = setup.context
-        self.compute = compute
-        self.evaluator = setup.evaluator
-        self.judge = setup.evaluator.backend if isinstance(setup.evaluator, SelfEvaluator) else None
-        self.values: dict[Tokens, float] = {}  # official: values cached by text (dic)
-        # this answer's own random stream: its samples do not depend on which answers share a batch
-        self.rng = np.random.default_rng(setup.cfg.seed)
-        self.started = time.perf_counter()
-        self.value_cache_hits = 0
-
-    # ------------------------------------------------------------------ SearchEnv
-    def is_terminal(self, answer: Tokens) -> bool:
-        if len(answer) >= self.cfg.max_new_tokens:
-            return True
-        if answer and answer[-1] in self.codec.stop_ids:
-            return True
-        return self.setup.fmt.ended(self.codec.decode(answer[-16:]))
-
-    def over_budget(self) -> bool:
-        cfg = self.cfg
-        if cfg.max_search_tokens and self.compute.lm_tokens >= cfg.max_search_tokens:
-            return True
-        return bool(cfg.max_search_seconds) and time.perf_counter() - self.started >= cfg.max_search_seconds
-
-    def decode(self, tokens: Tokens) -> str:
-        return self.codec.decode(tokens)
-
-    def on_commit(self, answer: Tokens) -> None:
-        """Keep cached only what extends the committed answer (and its evaluation prompt): bounded memory."""
-        for backend, prefixes in self._kept(answer).items():
-            backend.retain(self.key, prefixes)
-
-    def _kept(self, answer: Tokens) -> dict[Backend, list[list[int]]]:
-        keep = self.evaluator.retain(self.text(answer)) if self.judge is not None else []
-        kept: dict[Backend, list[list[int]]] = {self.setup.policy: [self.context + list(answer)]}
-        if self.judge is not None:
-            kept.setdefault(self.judge, []).extend(keep)
-        return kept
-
-    def prefill_calls(self) -> list[Call]:
-        """The prompt and the evaluation prompt up to the answer, once; a backend keeps what it
-        prefilled for this answer until the answer commits or ends."""
-        return [(backend, Prefill(self.key, "prefill", prefixes)) for backend, prefixes in self._kept(()).items()]
-
-    def text(self, answer: Sequence[int]) -> str:
-        return self.setup.text(answer)
-
-    # ------------------------------------------------------------------ requests
-    def serve(self, request: SearchRequest) -> Generator[list[Call], list[Any], Any]:
-        """Answer one search request with backend calls (yielded as one list)."""
-        if isinstance(request, Expand):
-            return (yield from self._expand(request.jobs))
-        if isinstance(request, Propose):
-            return (yield from self._propose(request.job))
-        if isinstance(request, Value):
-            return (yield from self._value(request.answers))
-        if isinstance(request, EmbedSpans):
-            texts = [self.codec.decode(span) for span in request.spans]
-            (vectors,) = yield [(self.setup.embedder, Embed(self.key, "embed", texts))]
-            return vectors
-        if isinstance(request, Complete):
-            row = Row(self.cfg.max_new_tokens - len(request.answer), 1.0, 0, greedy=True)
-            (samples,) = yield [(self.setup.policy, SampleRows(self.key, "generate", self._ctx(request.answer), [row]))]
-            return tuple(samples[0].tokens)
-        raise TypeError(f"unknown search request {request!r}")
-
-    def _expand(self, jobs: list[ExpandJob]) -> Generator[list[Call], list[Any], list[Expansion]]:
-        """Each leaf's candidates (sampled rows, or the top tokens for one-token sets) and its
-        rollout, all in one list of calls: the backend decodes them side by side."""
-        calls, plans = [], []
-        for job in jobs:
-            length = self._clip(job.answer, job.length)
-            rollout = self._rollout_row(job.answer)
-            ctx = self._ctx(job.answer)
-            if length > 1:
-                rows = self._candidate_rows(length, job.attempts)
-                uniforms = self.uniforms(rows + ([rollout] if rollout else []))
-                calls.append((self.setup.policy, SampleRows(self.key, "expand", ctx, rows, uniforms[:len(rows)])))
-            else:
-                uniforms = self.uniforms([rollout]) if rollout else None
-                calls.append((self.setup.policy, TopTokens(self.key, "expand", ctx, job.candidates)))
-            if rollout is not None:
-                calls.append((self.setup.policy, SampleRows(self.key, "simulate", ctx, [rollout], uniforms[-1:])))
-            plans.append((job, length, rollout is not None))
-        results = iter((yield calls))
-        out = []
-        for job, length, has_rollout in plans:
-            candidates = self._read_candidates(next(results), length, job.candidates)
-            rollout_tokens = tuple(next(results)[0].tokens) if has_rollout else ()
-            out.append(Expansion(candidates, rollout_tokens))
-        return out
-
-    def _propose(self, job: ExpandJob) -> Generator[list[Call], list[Any], Candidates]:
-        length = self._clip(job.answer, job.length)
-        ctx = self._ctx(job.answer)
-        if length == 1:
-            request: ModelRequest = TopTokens(self.key, "expand", ctx, job.candidates)
-        else:
-            rows = self._candidate_rows(length, job.attempts)
-            request = SampleRows(self.key, "expand", ctx, rows, self.uniforms(rows))
-        (result,) = yield [(self.setup.policy, request)]
-        return self._read_candidates(result, length, job.candidates)
-
-    def _value(self, answers: list[Tokens]) -> Generator[list[Call], list[Any], list[float]]:
-        out: list[float | None] = [None] * len(answers)
-        todo: dict[Tokens, list[int]] = {}  # answers to value now (the same answer twice: once)
-        for i, answer in enumerate(answers):
-            if answer in self.values:
-                self.value_cache_hits += 1
-                out[i] = self.values[answer]
-            else:
-                todo.setdefault(answer, []).append(i)
-        values = yield from evaluate(self.key, self.evaluator, [self.text(a) for a in todo])
-        for (answer, places), value in zip(todo.items(), values):
-            self.values[answer] = value
-            for i in places:
-                out[i] = value
-        return out  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ rows and reading them back
-    def _ctx(self, answer: Sequence[int]) -> list[int]:
-        return self.context + list(answer)
-
-    def _clip(self, answer: Tokens, length: int) -> int:
-        return max(1, min(length, self.cfg.max_new_tokens - len(answer)))
-
-    def _candidate_rows(self, length: int, attempts: int) -> list[Row]:
-        """The greedy token set, then `attempts` sampled ones (temperature, top-k)."""
-        cfg = self.cfg
-        return [Row(length, cfg.temperature, cfg.top_k, greedy=i == 0) for i in range(1 + attempts)]
-
-    def uniforms(self, rows: Sequence[Row]) -> np.ndarray:
-        """Uniforms for the rows' inverse-CDF sampling, from this answer's stream."""
-        return self.rng.random((len(rows), max(r.max_tokens for r in rows)))
-
-    def _rollout_row(self, answer: Tokens) -> Row | None:
-        """The simulation's decode rule (to the next punctuation mark, or a new user turn in a
-        transcript), or None where the answer already ends a clause."""
-        if self._ends_clause(self.codec.decode(answer)):
-            return None
-        stop = TextStop(self.cfg.rollout_stop_chars, () if self.setup.fmt.chat else (TURN_MARKER,),
-                        tuple(answer[-8:]))
-        return Row(self.cfg.max_rollout_tokens, self.cfg.rollout_temperature, 0, stop=stop)
-
-    def _ends_clause(self, text: str) -> bool:
-        return (bool(text) and text[-1] in self.cfg.rollout_stop_chars) or self.setup.fmt.ended(text)
-
-    def _read_candidates(self, result: Any, length: int, n: int) -> Candidates:
-        if length == 1:  # official: the top-k tokens with their probabilities (no sampling)
-            logits = np.array([logit for _, logit in result], dtype=np.float64) / self.cfg.temperature
-            p = np.exp(logits - logits.max())
-            p /= p.sum()
-            return [((token,), float(pt)) for (token, _), pt in zip(result, p)]
-        return candidates_from(result, n)
-
-
-def candidates_from(samples: list[Sample], n: int) -> Candidates:
-    """Greedy first, then distinct samples (official group_getp)."""
-    greedy = samples[0]
-    seen = {tuple(greedy.tokens)}
-    others: Candidates = []
-    for s in samples[1:]:
-        t = tuple(s.tokens)
-        if t not in seen and len(others) < n - 1:
-            seen.add(t)
-            others.append((t, float(np.exp(s.logprob))))
-    gp = float(np.exp(greedy.logprob))
-    if others:  # official: keep the greedy prior between max + min and the sum of the others
-        ps = np.array([p for _, p in others])
-        gp = max(min(gp, float(ps.sum())), float(ps.max() + ps.min()))
-    return [(tuple(greedy.tokens), gp)] + others
-
-
-ValueFn = Callable[[str, str], float]

@@ -1,7 +1,11 @@
-"""The backend interface: all the scheduler may ask of a model. Token ids in, numbers out.
+"""The backend interface: what the scheduler hands a model to execute. Token ids in, numbers out.
 
-A backend takes lists of requests (`submit`) and hands back completions as they come (`run`),
-each with its result and a `Receipt` of the work it caused. Five kinds of request:
+The scheduler decides (`runtime/scheduler.py`): which requests start in a step, how long a scoring
+request waits for company, what fails when a request fails. A backend only executes: each step the
+scheduler calls `execute(Batch(kind, start))` once per kind, and the backend runs that kind's work
+over the requests started now and those still running, and hands back a `Completion` for every
+request that finished, each with its result (or the `EngineError` that failed it alone) and its
+`Receipt`. Five kinds of request:
 
     Prefill    cache contexts (prompts, evaluation prompts) before they are used   -> None
     SampleRows decode rows after a context, each with its own sampling and stop rule -> [Sample]
@@ -10,25 +14,42 @@ each with its result and a `Receipt` of the work it caused. Five kinds of reques
     Embed      sentence embeddings of texts                                          -> array
 
 plus cache retention per answer (`retain` / `release`), which a backend without a cache of its
-own may ignore. The scheduler runs a round as one `run(kind)` per kind in `KINDS` order, so a
-local engine can batch every answer's work of a kind into one forward, and a remote one can
-keep requests in flight concurrently and report them as they finish (`wait` blocks until one
-does). Implementations: `rain_llm.engine.hf.HFBackend` (transformers, in process) and the
-sentence embedder (`rain_llm.values.embedder.EmbedderBackend`).
+own ignores. A local engine runs a kind's work in `execute` (one decode forward for every row in
+flight, one scoring batch); a remote one sends what starts and returns what has come back, waiting
+up to `Batch.wait` seconds for something when the scheduler has nothing else to do.
+Implementations: `rain_llm.engine.hf.HFBackend` (transformers, in process),
+`rain_llm.engine.vllm.VLLMBackend` (vLLM servers) and the sentence embedder
+(`rain_llm.values.embedder.EmbedderBackend`).
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from rain_llm.config import RainConfig
+from rain_llm.errors import EngineError
 from rain_llm.runtime.accounting import Receipt
 
 PREFILL, SAMPLE, SCORE, EMBED = "prefill", "sample", "score", "embed"
-KINDS = (PREFILL, SAMPLE, SCORE, EMBED)  # a round's order: an answer may go through several in one round
+KINDS = (PREFILL, SAMPLE, SCORE, EMBED)  # a step's order: an answer may go through several in one step
+
+_REQUEST_IDS = itertools.count()
+
+
+class Status(enum.Enum):
+    """Where a request is: queued by the scheduler, running on its backend, or over."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -62,19 +83,26 @@ class Sample:
 
 @dataclass(eq=False)
 class ModelRequest:
-    """What every request carries: the answer that asked (`owner`) and the phase it books."""
+    """What every request carries: the answer that asked (`owner`), the phase it books, its id,
+    its status (the scheduler's) and its receipt (filled by the backend that runs it)."""
 
     owner: Hashable
     phase: str
+    id: int = field(default_factory=lambda: next(_REQUEST_IDS), init=False)
+    status: Status = field(default=Status.WAITING, init=False)
+    receipt: Receipt = field(init=False)
 
-    kind = ""
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.receipt = Receipt(self.phase)
 
 
 @dataclass(eq=False)
 class Prefill(ModelRequest):
     contexts: list[list[int]] = field(default_factory=list)
 
-    kind = PREFILL
+    kind: ClassVar[str] = PREFILL
 
 
 @dataclass(eq=False)
@@ -86,7 +114,7 @@ class SampleRows(ModelRequest):
     rows: list[Row] = field(default_factory=list)
     uniforms: np.ndarray | None = None
 
-    kind = SAMPLE
+    kind: ClassVar[str] = SAMPLE
 
 
 @dataclass(eq=False)
@@ -97,7 +125,7 @@ class TopTokens(ModelRequest):
     context: list[int] = field(default_factory=list)
     n: int = 1
 
-    kind = SAMPLE
+    kind: ClassVar[str] = SAMPLE
 
 
 @dataclass(eq=False)
@@ -108,21 +136,34 @@ class Score(ModelRequest):
     suffixes: list[list[int]] = field(default_factory=list)
     option_ids: tuple[int, ...] = ()
 
-    kind = SCORE
+    kind: ClassVar[str] = SCORE
 
 
 @dataclass(eq=False)
 class Embed(ModelRequest):
     texts: list[str] = field(default_factory=list)
 
-    kind = EMBED
+    kind: ClassVar[str] = EMBED
 
 
 @dataclass
 class Completion:
+    """A request that is over: its result, or the error that failed it (and it alone)."""
+
     request: ModelRequest
-    result: Any
-    receipt: Receipt
+    result: Any = None
+    error: EngineError | None = None
+
+
+@dataclass
+class Batch:
+    """One step's work of one kind on one backend: the requests the scheduler starts now (the
+    backend keeps running those it started before), and how long a remote backend may wait for a
+    completion (the scheduler sets it only when nothing else can move)."""
+
+    kind: str
+    start: list[ModelRequest] = field(default_factory=list)
+    wait: float = 0.0
 
 
 def asked(request: ModelRequest, result: Any) -> list[Sequence[int]]:
@@ -139,56 +180,61 @@ def asked(request: ModelRequest, result: Any) -> list[Sequence[int]]:
 
 
 class Backend(Protocol):
-    """A model behind lists of requests. See the module docstring."""
+    """A model that executes batches of requests. See the module docstring."""
 
-    name: str  # which engine ran: stats say so
-    context_window: int
+    @property
+    def name(self) -> str:
+        """Which engine ran: stats say so."""
+        ...
 
-    def submit(self, requests: Sequence[ModelRequest]) -> None:
-        """Queue requests (a remote backend sends them at once)."""
+    @property
+    def context_window(self) -> int: ...
 
-    def run(self, kind: str, *, whole: bool = False) -> list[Completion]:
-        """Do this round's work of one kind; the requests (of any kind) completed meanwhile.
-        whole=True: finish every queued request of the kind first (whole-iteration lockstep)."""
+    @property
+    def reuse_cache(self) -> bool:
+        """Whether work is kept and reused across requests."""
+        ...
 
-    def busy(self) -> bool:
-        """Whether requests are queued or in flight."""
+    @property
+    def batches_in_flight(self) -> bool:
+        """True: the engine batches whatever is in flight by itself (a server with continuous
+        batching), so requests should reach it at once; False: a step's batch is what runs
+        together, so a scoring request may wait for company."""
+        ...
 
-    def wait(self, timeout: float) -> None:
-        """Block until a request completes or `timeout` passes (a local backend returns at once)."""
+    def execute(self, batch: Batch) -> list[Completion]:
+        """Start `batch.start`, run this step's work of `batch.kind`; every request (of any kind)
+        that finished meanwhile."""
+        ...
 
-    def cancel(self, owner: Hashable) -> None:
-        """Drop an answer's queued and running requests."""
+    def cancel(self, requests: Sequence[ModelRequest]) -> None:
+        """Drop requests that run no longer (their answer left): no completion comes for them."""
+        ...
+
+    def refusal(self, cfg: RainConfig) -> str | None:
+        """Why this engine would refuse an answer with these settings (one line naming the setting
+        and what would allow it), or None: checked before an answer starts."""
+        ...
+
+    def health(self) -> str | None:
+        """None while the engine answers; else why not, in one line."""
+        ...
 
     def retain(self, owner: Hashable, prefixes: Sequence[Sequence[int]], *, exact: bool = False,
                prune: bool = True) -> None:
         """What `owner` keeps cached from now on (replacing what it kept before); anything no live
         owner keeps may be freed (not yet with prune=False). exact=True keeps the prefixes
         themselves, not what extends them. A `Prefill` keeps its contexts for its owner."""
+        ...
 
     def release(self, owner: Hashable) -> None:
         """`owner` is done: what only it kept may go at the next `retain`."""
+        ...
 
     def scope(self, *, reuse_cache: bool | None = None) -> Backend:
         """The same model with a cache of its own (a judge must not touch the searches' cache);
         reuse_cache=False: one that reuses nothing across requests (to measure what reuse saves)."""
+        ...
 
 
-def run_requests(backend: Backend, requests: Sequence[ModelRequest], compute: Any = None) -> list[Any]:
-    """Results of a few requests answered together, in order: for work outside a search (judges,
-    self-evaluation checks; `compute`, a `Compute`, is charged their receipts). Answers go
-    through the scheduler."""
-    backend.submit(requests)
-    results: dict[int, Any] = {}
-    while len(results) < len(requests):
-        done = [c for kind in KINDS for c in backend.run(kind, whole=True)]
-        for completion in done:
-            results[id(completion.request)] = completion.result
-            if compute is not None:
-                compute.charge(completion.receipt)
-                compute.asked(asked(completion.request, completion.result))
-        if not done:
-            if not backend.busy():
-                raise RuntimeError("backend bug: requests lost")
-            backend.wait(1.0)
-    return [results[id(r)] for r in requests]
+Call = tuple[Backend, ModelRequest]  # a request and the backend that should run it

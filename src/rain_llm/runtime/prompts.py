@@ -7,13 +7,14 @@ paper. A transcript's answer ends where the model starts a new "Human:" turn.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from rain_llm.errors import RainError
+from rain_llm.runtime.text import Codec
 
 TURN_MARKER = "Human:"
 ROLES = ("system", "user", "assistant")
@@ -56,7 +57,7 @@ class PromptFormat:
     chat: bool
     preamble: str = ""
 
-    def render(self, codec: Any, prompt: Prompt) -> list[int]:
+    def render(self, codec: Codec, prompt: Prompt) -> list[int]:
         """The model's context for `prompt`: the chat template, or the transcript. The messages'
         text is the user's: special-token strings in it stay text (`Codec.rendered`)."""
         messages = as_messages(prompt)
@@ -64,7 +65,7 @@ class PromptFormat:
         if self.chat:
             def chat(contents: list[str]) -> str:
                 filled = [{"role": m["role"], "content": c} for m, c in zip(messages, contents)]
-                return tokenizer.apply_chat_template(filled, add_generation_prompt=True, tokenize=False)
+                return str(tokenizer.apply_chat_template(filled, add_generation_prompt=True, tokenize=False))
 
             return codec.rendered(chat, [m["content"] for m in messages], special=False)
 
@@ -112,11 +113,11 @@ def prompt_format(tokenizer: Any, kind: str, fewshot: str) -> PromptFormat:
     return PromptFormat(chat=chat, preamble=preamble)
 
 
-def chat_wrapper(tokenizer: Any):
+def chat_wrapper(tokenizer: Any) -> Callable[[str], str]:
     """A function rendering one user message with the chat template, as text."""
 
     def render(content: str) -> str:
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        return str(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                 tokenize=False))
 
     return render

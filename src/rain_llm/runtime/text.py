@@ -70,7 +70,7 @@ class Codec:
 
     def decode(self, ids: Sequence[int]) -> str:
         with self._lock:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+            return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -1,10 +1,11 @@
 """The RAIN search: a tree of token sets, PUCT selection, self-evaluation and rewind.
 
-Pure Python and numpy. The search is a generator of typed model requests (`requests.py`: expand
-leaves, propose more candidates, value answers, embed spans, complete an answer) and knows the
-model only through what it gets back and four cheap functions (`SearchEnv`), as in DeepMind's
-mctx; the runtime answers the requests of any number of searches at once, so batching is never a
-second code path here.
+Pure Python and numpy. The search is a generator of typed requests (`requests.py`: expand
+leaves, propose more candidates, value answers, embed spans, complete an answer; a commit; a
+checkpoint after each round, whose reply says whether the compute budget is spent) and knows the
+model only through what it gets back and two pure functions (`SearchEnv`: is an answer finished,
+the text of a span), as in DeepMind's mctx; the runtime answers the requests of any number of
+searches at once, so batching is never a second code path here.
 
 One inner-loop iteration (`RainSearch.round`, P = 1):
   1. select   from the root down by argmax q_hat + u (adding candidates where siblings are all
@@ -20,8 +21,7 @@ enough, keeps its subtree, and repeats until the answer ends.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,32 +30,31 @@ import numpy as np
 from rain_llm.config import RainConfig, token_set_length
 from rain_llm.search.requests import (
     Candidates,
+    Checkpoint,
+    Commit,
     Complete,
     EmbedSpans,
     Expand,
     ExpandJob,
     Propose,
     SearchRequest,
+    SearchStatus,
     Tokens,
     Value,
 )
 
 
 class SearchEnv(Protocol):
-    """What the search calls directly: cheap, local questions about one answer. Model work goes
-    through the requests it yields."""
+    """Two pure functions of one answer's tokens that the search calls directly (no model work, no
+    effects: everything else goes through the requests it yields)."""
 
     def is_terminal(self, answer: Tokens) -> bool:
         """Whether `answer` is finished (end of turn, token budget, new user turn)."""
-
-    def over_budget(self) -> bool:
-        """Whether this answer's compute budget (tokens processed or seconds) is spent."""
+        ...
 
     def decode(self, tokens: Tokens) -> str:
         """Text of a token span (for traces)."""
-
-    def on_commit(self, answer: Tokens) -> None:
-        """The answer so far is now fixed; anything not extending it may be freed."""
+        ...
 
 
 Steps = Generator[SearchRequest, Any, "SearchResult"]
@@ -110,7 +109,6 @@ class SearchStats:
     rewinds: int = 0
     similarity_updates: int = 0
     dynamic_additions: int = 0
-    terminal_evaluations: int = 0
     budget_stopped: bool = False  # the compute budget ran out: best path committed, the rest decoded plainly
     completed_tokens: int = 0  # tokens decoded without search after the budget ran out
 
@@ -120,21 +118,16 @@ class SearchResult:
     tokens: Tokens
     stats: SearchStats
     steps: list[StepRecord]
-    seconds: float
-
-
-ProgressFn = Callable[[dict[str, Any]], None]  # the search's live status, after each round
 
 
 class RainSearch:
     """One RAIN search over one prompt: `steps()` is the whole search, as a generator of requests."""
 
-    def __init__(self, env: SearchEnv, config: RainConfig, *, trace: bool = False,
-                 progress: ProgressFn | None = None):
+    def __init__(self, env: SearchEnv, config: RainConfig, *, trace: bool = False):
         self.env = env
         self.cfg = config
         self.trace = trace
-        self.progress = progress
+        self.spent = False  # the compute budget ran out (the runtime says so at each checkpoint)
         self.root = Node(tokens=(), depth=0)
         self.answer: Tokens = ()  # committed tokens
         self.q_min = config.q_min_init
@@ -147,42 +140,44 @@ class RainSearch:
         the answer. Each committed step runs rounds until t_max visits of the root (at least
         `fresh_iterations` new ones) or until the best child is visited more than t_min times
         with a value above the threshold."""
-        start = time.perf_counter()
         steps: list[StepRecord] = []
+        self.spent = yield Checkpoint(None)
         while not self.env.is_terminal(self.answer):
-            if self.env.over_budget():
+            if self.spent:
                 yield from self._finish_over_budget(steps)
                 break
             visits_before = self.root.visits
             end = max(self.cfg.t_max, visits_before + self.cfg.fresh_iterations)
             done = 0
             while visits_before + done < end:
-                if done > 0 and self.env.over_budget():
+                if done > 0 and self.spent:
                     break
                 done += yield from self.round(max_leaves=end - visits_before - done)
-                self._report(done, end - visits_before, visits_before)
+                self.spent = yield Checkpoint(self.status(done, end - visits_before, visits_before))
                 best = self.best_child(self.root)
                 if best is not None and best.visits > self.cfg.t_min and best.q > self.cfg.value_threshold:
                     break
             best = self.best_child(self.root)
             if best is None:  # only possible if the root could not be expanded at all
                 break
-            self._commit_step(steps, best, done, visits_before)
-        return SearchResult(self.answer, self.stats, steps, time.perf_counter() - start)
+            yield from self._commit_step(steps, best, done, visits_before)
+        return SearchResult(self.answer, self.stats, steps)
 
-    def _commit_step(self, steps: list[StepRecord], best: Node, iterations: int, visits_before: int) -> None:
+    def _commit_step(self, steps: list[StepRecord], best: Node, iterations: int,
+                     visits_before: int) -> Generator[SearchRequest, Any, None]:
         steps.append(StepRecord(iterations=iterations, committed=best.tokens, visits_before=visits_before,
                                 tree=self.tree_dict(self.root) if self.trace else None))
         self.stats.steps += 1
         self.stats.iterations_per_step.append(iterations)
         self.commit(best)
+        yield Commit(self.answer)
 
     def _finish_over_budget(self, steps: list[StepRecord]) -> Generator[SearchRequest, Any, None]:
         """The compute budget is spent: commit the best path found so far, then let the model finish
         the answer by plain decoding (no more search)."""
         self.stats.budget_stopped = True
         while not self.env.is_terminal(self.answer) and (best := self.best_child(self.root)) is not None:
-            self._commit_step(steps, best, 0, self.root.visits)
+            yield from self._commit_step(steps, best, 0, self.root.visits)
         if not self.env.is_terminal(self.answer):
             rest = yield Complete(self.answer)
             self.answer = self.answer + tuple(rest)
@@ -201,7 +196,6 @@ class RainSearch:
         child.parent = None
         self.root = child
         self._mix_root_priors([c.prior for c in child.children], child.children)
-        self.env.on_commit(self.answer)
 
     # ------------------------------------------------------------------ inner loop
     def round(self, max_leaves: int | None = None) -> Generator[SearchRequest, Any, int]:
@@ -231,8 +225,6 @@ class RainSearch:
         for (node, _), value, leaf_spans in zip(leaves, values, spans):
             if id(node) in expanded:  # evaluated the leaf (official: before expanding it)
                 self.add_children(node, expanded[id(node)].candidates)
-            else:
-                self.stats.terminal_evaluations += 1
             self.backup(node, value, embedded[start:start + len(leaf_spans)])
             start += len(leaf_spans)
         return len(leaves)
@@ -354,8 +346,8 @@ class RainSearch:
     # ------------------------------------------------------------------ helpers
     def _mix(self, priors: np.ndarray) -> np.ndarray:
         mix = self.cfg.root_prior_mix
-        mixed = (1 - mix) * priors + mix / len(priors)
-        return mixed / mixed.sum()
+        mixed: np.ndarray = (1 - mix) * priors + mix / len(priors)
+        return mixed / float(mixed.sum())
 
     def _mix_root_priors(self, priors: list[float], children: list[Node]) -> None:
         if not children:
@@ -363,12 +355,10 @@ class RainSearch:
         for c, p in zip(children, self._mix(np.array(priors, dtype=np.float64))):
             c.prior = float(p)
 
-    def _report(self, done: int, budget: int, visits_before: int) -> None:
-        if self.progress is not None:
-            self.progress({"step": self.stats.steps + 1, "iteration": done, "budget": budget,
-                           "visits_before": visits_before, "t_max": self.cfg.t_max,
-                           "fresh": self.cfg.fresh_iterations, "nodes": self.stats.nodes,
-                           "answer_tokens": len(self.answer)})
+    def status(self, done: int, budget: int, visits_before: int) -> SearchStatus:
+        return SearchStatus(step=self.stats.steps + 1, iteration=done, budget=budget, visits_before=visits_before,
+                            t_max=self.cfg.t_max, fresh=self.cfg.fresh_iterations, nodes=self.stats.nodes,
+                            answer_tokens=len(self.answer))
 
     def tree_dict(self, node: Node) -> dict[str, Any]:
         """The subtree under `node` as plain data (for --trace)."""

@@ -1,7 +1,10 @@
-"""What the search asks of a model, as typed requests (it yields them; the runtime answers).
+"""Everything the search says to the runtime, as typed requests (it yields them; the runtime answers).
 
 Token ids only: the search never sees a prompt, a tensor or a backend. Each request's reply is
-what `RainSearch` receives back from its `yield`.
+what `RainSearch` receives back from its `yield`. Model work (Expand, Propose, Value, EmbedSpans,
+Complete) and the two things only the runtime can act on: a commit (`Commit`: what the answer's
+caches must keep) and the end of a round (`Checkpoint`: the search's status out, whether the
+answer's compute budget is spent back in). So the search has no side channel to the runtime.
 """
 
 from __future__ import annotations
@@ -65,4 +68,37 @@ class Complete:
     answer: Tokens
 
 
-SearchRequest = Expand | Propose | Value | EmbedSpans | Complete
+@dataclass
+class Commit:
+    """The answer so far is fixed (RAIN never revises a commit): what does not extend it may be
+    freed. Reply: None."""
+
+    answer: Tokens
+
+
+@dataclass(frozen=True)
+class SearchStatus:
+    """Where a search stands, after a round: the `step`-th commit is being chosen, `iteration`
+    rounds' leaves done of this step's `budget` (at least `fresh` new ones per step, up to `t_max`
+    visits of the root counting the `visits_before` kept from the previous step)."""
+
+    step: int
+    iteration: int
+    budget: int
+    visits_before: int
+    t_max: int
+    fresh: int
+    nodes: int
+    answer_tokens: int
+
+
+@dataclass
+class Checkpoint:
+    """Before the first round and after every round: the search's status (None before any round).
+    Reply: whether the answer's compute budget (tokens processed, seconds) is spent; then the
+    search commits its best path and asks to `Complete` the answer."""
+
+    status: SearchStatus | None
+
+
+SearchRequest = Expand | Propose | Value | EmbedSpans | Complete | Commit | Checkpoint

@@ -5,7 +5,7 @@ vanilla; forward passes and tokens processed per answer token; the ratio of toke
 least work the search needed; per phase: forward passes, tokens, seconds; the self-evaluation of the
 final answers (how the value that steers RAIN rates each method's output, e.g. P > 1 against P = 1).
 A method name ending in -bN answers the prompts N at a time through a continuous batch (searches
-stepped token by token; "rain-rounds-bN": whole iterations in lockstep, for comparison). A method
+stepped token by token, each moving on as soon as its own rows are done). A method
 prefixed "vllm:" runs on the vLLM servers at --engine-url, in the same run and with the same prompts
 and settings; its rows also give HTTP requests per answer token and the HTTP overhead per request
 (the median time of a trivial max_tokens=1 request, measured once). `--random llama3-8b` builds a
@@ -21,12 +21,13 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rain_llm.api import Rain
+from rain_llm.api import Generation, Rain, raise_failure
 from rain_llm.config import RainConfig
 from rain_llm.evaluation.data import default_data_dir
 from rain_llm.runtime.accounting import Compute
@@ -100,9 +101,8 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
         kw = dict(kw)
         batch = kw.pop("batch", 1)
         runner = engines.get(kw.pop("engine", ""), rain)
-        schedule = kw.pop("schedule", "token")  # how batched searches are stepped; one prompt has none
         if batch > 1:
-            runs[name].append(run_continuous(runner, cfg.replace(**kw), prompts, batch, schedule, name, log))
+            runs[name].append(run_continuous(runner, cfg.replace(**kw), prompts, batch, name, log))
             rec = runs[name][-1]
             print(f"[{name}] {len(prompts)} prompts, {batch} at a time: {rec['answer_tokens']:4d} tokens "
                   f"{rec['seconds']:8.2f}s {rec['tokens']:8d} tokens processed", file=log, flush=True)
@@ -131,22 +131,17 @@ def _count_requests(record: dict[str, Any], rain: Rain, before: int | None) -> d
     return record
 
 
-def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, schedule: str = "token",
-                   name: str = "", log: Any = None) -> dict[str, Any]:
+def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, name: str = "",
+                   log: Any = None) -> dict[str, Any]:
     """All prompts through one continuous batch, `batch` in flight; one record for the whole run
     (compute: the answers' work merged, each forward pass counted once)."""
-    cb = rain.continuous_batch(schedule)
-    queue, outs = list(enumerate(prompts)), {}
+    outs: dict[Hashable, Generation] = {}
     calls = getattr(rain.backend, "http_requests", None)
     _sync()
     start = time.perf_counter()
-    while queue or cb:
-        joining = queue[:max(0, batch - len(cb))]  # added together: their prompts encoded in one forward
-        if joining:
-            cb.add_many([(key, prompt, cfg) for key, prompt in joining])
-            del queue[:len(joining)]
-        for key, out in cb.step().items():
-            outs[key] = out
+    for finished in rain.continuous_batch().drain(((i, p, cfg) for i, p in enumerate(prompts)), batch):
+        for key, out in finished.items():
+            outs[key] = raise_failure(out)
             if log is not None:
                 print(f"[{name}] answer {len(outs)} of {len(prompts)} done: {len(out.token_ids):4d} tokens "
                       f"{time.perf_counter() - start:8.2f}s", file=log, flush=True)
@@ -229,8 +224,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | N
 
 
 def unbatched_name(name: str) -> str:
-    """"rain-p4-b16" -> "rain-p4", "rain-rounds-b16" -> "rain": the method a batched one is compared with."""
-    return re.sub(r"(-rounds)?-b[0-9]+$", "", name)
+    """"rain-p4-b16" -> "rain-p4": the method a batched one is compared with."""
+    return re.sub(r"-b[0-9]+$", "", name)
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from rain_llm.config import PRESETS, RainConfig, load_config
 from rain_llm.errors import RainError
+from rain_llm.search import SearchStatus
 from rain_llm.shells.protocol import Limits
 from rain_llm.values.templates import load_template
 
@@ -116,6 +117,10 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, preset: str | None = No
                        "server, e.g. http://127.0.0.1:8000; repeat for several servers (each answer stays on one)")
     group.add_argument("--engine-key-env", default="RAIN_ENGINE_KEY", metavar="NAME", help="environment variable "
                        "holding the vLLM server's --api-key, if it has one (default RAIN_ENGINE_KEY)")
+    group.add_argument("--engine-isolate-scoring", default="auto", choices=["auto", "on", "off"],
+                       help="keep scoring and top-k requests out of one vLLM batch (vLLM's V1 sampler mixes up "
+                       "their logprobs, PR #51789): auto decides from the server's version (on for every release "
+                       "so far); off for a server known fixed (default auto)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -166,8 +171,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     bench.add_argument("--prompts", type=int, default=3, help="number of HH first-turn prompts (default 3)")
     bench.add_argument("--methods", default="vanilla,rain,rain-no-reuse",
                        help="comma-separated: vanilla, rain, rain-no-reuse, rain-pN (N parallel leaves); "
-                       "-bN after any (e.g. rain-b16): N prompts in flight in a continuous batch; "
-                       "rain-rounds-bN: the same with whole search iterations in lockstep "
+                       "-bN after any (e.g. rain-b16): N prompts in flight in a continuous batch "
                        "(default vanilla,rain,rain-no-reuse)")
     bench.add_argument("--fixed-budget", action="store_true",
                        help="no early stop (value_threshold 2, fresh_iterations 0): every step runs t_max iterations")
@@ -252,15 +256,21 @@ def set_threads(threads: int | None) -> None:
 def load_rain(args: argparse.Namespace, *, engine: str | None = None) -> Any:
     """The model a command runs, from its model flags (threads set first): in this process, or
     (--engine vllm) on the vLLM servers at --engine-url. `engine` overrides --engine (bench)."""
-    set_threads(args.threads)
     engine = engine or args.engine
     if engine == "vllm":
         if not args.engine_url:
             raise RainError("--engine vllm (or a vllm: bench method) needs --engine-url URL (a vLLM server's base "
                             "URL, e.g. http://127.0.0.1:8000)")
-        from rain_llm.engine.vllm import connect
+        from rain_llm.engine.vllm import open_servers
 
-        return connect(args.engine_url, tokenizer=args.model, key_env=args.engine_key_env)
+        isolate = {"auto": None, "on": True, "off": False}[args.engine_isolate_scoring]
+        remote = open_servers(args.engine_url, tokenizer=args.model, key_env=args.engine_key_env,
+                              isolate_scoring=isolate)  # the servers are asked before torch loads
+        set_threads(args.threads)
+        from rain_llm.api import Rain
+
+        return Rain.from_remote(remote)
+    set_threads(args.threads)
     if args.engine_url and args.command != "bench":
         raise RainError("--engine-url is for --engine vllm: add --engine vllm, or drop --engine-url")
     from rain_llm.api import Rain  # heavy imports only once the arguments are known good
@@ -282,23 +292,23 @@ class Progress:
         self.last_step = 0
         self.last_line = -every
 
-    def __call__(self, info: dict[str, Any]) -> None:
+    def __call__(self, info: SearchStatus) -> None:
         if not self.enabled:
             return
         now = time.perf_counter() - self.start
-        budget = f"{info['iteration']}/{info['budget']}"
-        if info["budget"] > info.get("t_max", info["budget"]) - info.get("visits_before", 0):
-            budget += f" (t_max={info['t_max']}, but at least fresh_iterations={info['fresh']} new per step)"
-        line = (f"step {info['step']}  iteration {budget}  nodes {info['nodes']}  "
-                f"answer {info['answer_tokens']} tokens  {now:.1f}s")
+        budget = f"{info.iteration}/{info.budget}"
+        if info.budget > info.t_max - info.visits_before:
+            budget += f" (t_max={info.t_max}, but at least fresh_iterations={info.fresh} new per step)"
+        line = (f"step {info.step}  iteration {budget}  nodes {info.nodes}  "
+                f"answer {info.answer_tokens} tokens  {now:.1f}s")
         if self.tty:
             self.stream.write("\r" + line.ljust(100))
             self.stream.flush()
-        elif info["step"] != self.last_step or now - self.last_line >= self.every:
+        elif info.step != self.last_step or now - self.last_line >= self.every:
             self.stream.write(line + "\n")
             self.stream.flush()
             self.last_line = now
-        self.last_step = info["step"]
+        self.last_step = info.step
 
     def close(self) -> None:
         if self.enabled and self.tty:
@@ -410,12 +420,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
             kw = {}
         elif base == "rain-no-reuse":
             kw = {"reuse_cache": False}
-        elif base == "rain-rounds":  # batched searches in whole-iteration lockstep (the older schedule)
-            kw = {"schedule": "round"}
         elif base.startswith("rain-p") and base[6:].isdigit() and int(base[6:]) >= 1:
             kw = {"parallel_leaves": int(base[6:])}
         else:
-            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN, rain-rounds; "
+            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN; "
                             "-bN after any: N prompts at once; vllm: before any: on the vLLM servers at --engine-url)")
         methods[m] = kw | ({"batch": batch} if batch > 1 else {}) | ({"engine": engine} if engine else {})
     if args.prompts < 1:

@@ -43,6 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rain_llm.config import RainConfig
 from rain_llm.errors import RainError
+from rain_llm.runtime.scheduler import Failure
 from rain_llm.shells.protocol import ChatJob, Limits, RequestError, chat_response, chunk, parse_chat
 
 __all__ = ["RainServer", "Limits", "check_port", "api_key_from"]
@@ -200,6 +201,11 @@ class Worker(threading.Thread):
     def _finish(self, pending: Pending, generation: Any, reason: str | None) -> None:
         self.in_flight.discard(pending)
         if generation is None:
+            return
+        if isinstance(generation, Failure):  # this answer failed alone: its client gets why
+            print(f"rain: {pending.job.id} failed: {generation.message}", file=self.server.log, flush=True)
+            kind = "invalid_request_error" if generation.status < 500 else "server_error"
+            pending.emit(("error", RequestError(generation.status, generation.message, kind)))
             return
         server = self.server
         finish = reason or _finish_reason(generation, pending.job, server.rain.codec.stop_ids)

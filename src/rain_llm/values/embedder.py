@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rain_llm.errors import RainError
-from rain_llm.runtime.accounting import Receipt
-from rain_llm.runtime.backend import EMBED, Completion, Embed, ModelRequest
+from rain_llm.config import RainConfig
+from rain_llm.errors import EngineRefused, RainError
+from rain_llm.runtime.backend import EMBED, Batch, Completion, Embed, ModelRequest
 
 _EMBEDDER_IDS = itertools.count(1_000_000)  # forward names apart from the language models'
 
@@ -67,8 +67,11 @@ class MiniLMEmbedder:
 
 
 class EmbedderBackend:
-    """The sentence embedder behind the backend interface: every queued `Embed` request of a round
-    in one padded batch; each request is charged its rows of it."""
+    """The sentence embedder behind the backend interface: every `Embed` request the scheduler
+    starts in a step in one padded batch; each request is charged its rows of it."""
+
+    batches_in_flight = False
+    reuse_cache = False
 
     def __init__(self, embedder: MiniLMEmbedder, name: str = "all-MiniLM-L6-v2"):
         self.embedder = embedder
@@ -76,41 +79,38 @@ class EmbedderBackend:
         self.uid = next(_EMBEDDER_IDS)
         self.forwards = 0
         self.context_window = embedder.max_length
-        self.queued: list[tuple[Embed, Receipt]] = []
 
-    def submit(self, requests: Sequence[ModelRequest]) -> None:
-        for request in requests:
-            if not isinstance(request, Embed):
-                raise TypeError(f"{type(request).__name__} is not a request for a sentence embedder")
-            self.queued.append((request, Receipt(request.phase, self.name)))
-
-    def run(self, kind: str, *, whole: bool = False) -> list[Completion]:
-        if kind != EMBED or not self.queued:
+    def execute(self, batch: Batch) -> list[Completion]:
+        if batch.kind != EMBED or not batch.start:
             return []
         start = time.perf_counter()
-        queued, self.queued = self.queued, []
-        texts = [text for request, _ in queued for text in request.texts]
+        done = [Completion(r, error=EngineRefused(f"{type(r).__name__} is not a request for a sentence embedder"))
+                for r in batch.start if not isinstance(r, Embed)]
+        queued = [r for r in batch.start if isinstance(r, Embed)]
+        texts = [text for request in queued for text in request.texts]
         vectors, width = self.embedder.embed_counted(texts)
         if texts:
             self.forwards += 1
         seconds = time.perf_counter() - start
-        done, row = [], 0
-        for request, receipt in queued:
+        row = 0
+        for request in queued:
+            receipt = request.receipt
+            receipt.model = self.name
             if request.texts:
                 receipt.add((self.uid, self.forwards), len(request.texts) * width)
             receipt.seconds += seconds / len(queued)
-            done.append(Completion(request, vectors[row:row + len(request.texts)], receipt))
+            done.append(Completion(request, vectors[row:row + len(request.texts)]))
             row += len(request.texts)
         return done
 
-    def busy(self) -> bool:
-        return bool(self.queued)
+    def cancel(self, requests: Sequence[ModelRequest]) -> None:
+        """Nothing runs between steps."""
 
-    def wait(self, timeout: float) -> None:
-        """Work happens in `run`."""
+    def refusal(self, cfg: RainConfig) -> str | None:
+        return None
 
-    def cancel(self, owner: Hashable) -> None:
-        self.queued = [(r, receipt) for r, receipt in self.queued if r.owner != owner]
+    def health(self) -> str | None:
+        return None
 
     def retain(self, owner: Hashable, prefixes: Sequence[Sequence[int]], *, exact: bool = False,
                prune: bool = True) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import tomllib
+from collections.abc import Hashable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from rain_llm.errors import RainError
-from rain_llm.runtime.backend import Backend, Score, run_requests
+from rain_llm.runtime.backend import Backend, Score
+from rain_llm.runtime.scheduler import run_requests
 from rain_llm.runtime.text import Codec
 
 BUILTIN_TEMPLATES = ("harmlessness", "truthfulness", "sentiment")
@@ -123,7 +125,8 @@ class SelfEvaluator:
         if r_hold not in rendered or (p_hold and p_hold not in rendered):
             raise RainError("the chat template rewrites message text: the evaluation prompt cannot be assembled")
         head_and_prompt, _, _ = rendered.partition(r_hold)
-        self.head, _, self.mid = head_and_prompt.partition(p_hold) if p_hold else (head_and_prompt, "", "")
+        parts: tuple[str, str, str] = head_and_prompt.partition(p_hold) if p_hold else (head_and_prompt, "", "")
+        self.head, self.mid = parts[0], parts[2]
         self.prompt = prompt.strip() if p_hold else ""
         self.suffix_ids = [codec.encode(a) for a in self.afters]
         self.option_ids = option_token_ids(codec, template.answer_prefix, template.letters)
@@ -136,7 +139,7 @@ class SelfEvaluator:
 
         return self.codec.rendered(text, [self.prompt, response.strip()], special=self.special)
 
-    def request(self, response: str, owner: Any = None) -> Score:
+    def request(self, response: str, owner: Hashable = None) -> Score:
         """The scoring request for `response`: both option orders after its evaluation prompt."""
         return Score(owner, "evaluate", self.prefix_ids(response), self.suffix_ids, self.option_ids)
 

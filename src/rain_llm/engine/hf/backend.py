@@ -1,30 +1,32 @@
 """`HFBackend`: the transformers engine behind the backend interface (`rain_llm.runtime.backend`).
 
-It decides how requests share forwards:
-  prefill  every queued context in one `encode_many` (a few forwards where lengths differ a lot);
-  sample   rows of every `SampleRows` / `TopTokens` request in one `DecodeStream`: a round is one
-           forward, and a request returns as soon as its own rows are done (`whole`: a round
-           decodes until every row is done: whole-iteration lockstep, kept for comparison);
-  score    evaluation prompts wait for company so that one scoring batch serves several answers:
-           until half the searching answers wait, or one has waited `VALUE_WAIT` rounds, or no
-           search decodes any more (`whole`: no waiting).
-Each request's receipt holds its rows' share of the forwards it took part in and an even share
-of the time of the calls that served it.
+It executes what the scheduler starts, and decides nothing about when:
+  prefill  the batch's contexts in one `encode_many` (a few forwards where lengths differ a lot);
+  sample   the batch's `SampleRows` / `TopTokens` rows join the running `DecodeStream`, then one
+           forward for every row in flight; a request completes as soon as its own rows are done;
+  score    the batch's evaluation prompts in one scoring batch.
+Each request's receipt holds its rows' share of the forwards it took part in and an even share of
+the time of the calls that served it. A request the engine cannot run (an empty context, one
+longer than the model's window) fails alone, before anything runs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import cast
 
+import numpy as np
+
+from rain_llm.config import RainConfig
 from rain_llm.engine.hf.engine import HFEngine, top_tokens
 from rain_llm.engine.hf.stream import DecodeStream
-from rain_llm.runtime.accounting import Receipt
+from rain_llm.errors import EngineError, EngineRefused
 from rain_llm.runtime.backend import (
     PREFILL,
     SAMPLE,
     SCORE,
+    Batch,
     Completion,
     ModelRequest,
     Prefill,
@@ -34,23 +36,15 @@ from rain_llm.runtime.backend import (
     TopTokens,
 )
 
-PLAIN_PHASES = ("generate",)  # rows of answers that do not search: evaluations need not wait for them
-
 
 class HFBackend:
-    VALUE_WAIT = 4  # rounds an evaluation may wait for company (one forward serves all waiting)
-    VALUE_SHARE = 0.5  # ... unless this share of the searching answers is waiting
+    batches_in_flight = False  # a step's batch is what runs together
 
     def __init__(self, engine: HFEngine, name: str = "model"):
         self.engine = engine
         self.name = name
         self.context_window = engine.context_window
         self.stream = DecodeStream(engine)
-        self.receipts: dict[int, Receipt] = {}  # id(request) -> its receipt, while in flight
-        self.owners: dict[int, ModelRequest] = {}  # id(request) -> request, while in flight
-        self.prefills: list[Prefill] = []
-        self.scores: list[Score] = []
-        self.waited: dict[int, int] = {}  # rounds each queued evaluation has waited
 
     def scope(self, *, reuse_cache: bool | None = None) -> HFBackend:
         """The same model with a cache of its own (judges; answers that must not reuse the cache)."""
@@ -61,50 +55,32 @@ class HFBackend:
         return self.engine.reuse_cache
 
     # ------------------------------------------------------------------ the interface
-    def submit(self, requests: Sequence[ModelRequest]) -> None:
-        for request in requests:
-            receipt = Receipt(request.phase, self.name)
-            self.receipts[id(request)] = receipt
-            self.owners[id(request)] = request
-            if isinstance(request, Prefill):  # kept for its owner until the owner retains otherwise
-                self.engine.claim(request.owner, request.contexts)
-                self.prefills.append(request)
-            elif isinstance(request, SampleRows):
-                self.stream.join(request, request.context, request.rows, request.uniforms, receipt)
-            elif isinstance(request, TopTokens):  # one greedy token: the context's logits come with it
-                self.stream.join(request, request.context, [Row(1, 1.0, 0, greedy=True)], None, receipt,
-                                 want_logits=True)
-            elif isinstance(request, Score):
-                self.scores.append(request)
-            else:
-                raise TypeError(f"{type(request).__name__} is not a request for a language model")
-
-    def run(self, kind: str, *, whole: bool = False) -> list[Completion]:
+    def execute(self, batch: Batch) -> list[Completion]:
         start = time.perf_counter()
         self.engine.touched = set()
-        if kind == PREFILL:
-            done = self._prefill()
-        elif kind == SAMPLE:
-            done = self._sample(whole)
-        elif kind == SCORE:
-            done = self._score(whole)
-        else:
-            return []
+        refused = {r.id: error for r in batch.start if (error := self._refusal(r)) is not None}
+        done = [Completion(r, error=refused[r.id]) for r in batch.start if r.id in refused]
+        requests = [r for r in batch.start if r.id not in refused]
+        if batch.kind == PREFILL:
+            done += self._prefill(requests)
+        elif batch.kind == SAMPLE:
+            done += self._sample(requests)
+        elif batch.kind == SCORE:
+            done += self._score(requests)
         self._share_time(time.perf_counter() - start, done)
         return done
 
-    def busy(self) -> bool:
-        return bool(self.receipts)
-
-    def wait(self, timeout: float) -> None:
-        """Nothing runs in the background here: work happens in `run`."""
-
-    def cancel(self, owner: Hashable) -> None:
-        for request in [r for r in self.owners.values() if r.owner == owner]:
+    def cancel(self, requests: Sequence[ModelRequest]) -> None:
+        for request in requests:
             self.stream.cancel(request)
-            self._forget(request)
-        self.prefills = [r for r in self.prefills if id(r) in self.receipts]
-        self.scores = [r for r in self.scores if id(r) in self.receipts]
+
+    def refusal(self, cfg: RainConfig) -> str | None:
+        """Nothing a setting can ask is beyond this engine (prompt lengths are checked per answer)."""
+        return None
+
+    def health(self) -> str | None:
+        """In this process: it answers while the process does."""
+        return None
 
     def retain(self, owner: Hashable, prefixes: Sequence[Sequence[int]], *, exact: bool = False,
                prune: bool = True) -> None:
@@ -117,65 +93,72 @@ class HFBackend:
         self.engine.release(owner)
 
     # ------------------------------------------------------------------ kinds
-    def _prefill(self) -> list[Completion]:
-        requests, self.prefills = self.prefills, []
-        if requests and self.engine.reuse_cache:
-            contexts = [(context, self.receipts[id(r)]) for r in requests for context in r.contexts]
-            self.engine.encode_many([c for c, _ in contexts], [r for _, r in contexts])
-        return [self._complete(r, None) for r in requests]
+    def _refusal(self, request: ModelRequest) -> EngineError | None:
+        """Why the engine cannot run `request` (it then fails alone), or None."""
+        request.receipt.model = self.name
+        if isinstance(request, Prefill):
+            sequences = request.contexts
+        elif isinstance(request, SampleRows | TopTokens):
+            sequences = [request.context]
+        elif isinstance(request, Score):
+            if not request.prefix or not request.suffixes or not all(request.suffixes):
+                return EngineRefused("evaluation prompt and its suffixes must not be empty")
+            sequences = [request.prefix + s for s in request.suffixes]
+        else:
+            return EngineRefused(f"{type(request).__name__} is not a request for a language model")
+        if not sequences or any(len(s) == 0 for s in sequences):
+            return EngineRefused("empty context: nothing to condition on")
+        longest = max(len(s) for s in sequences)
+        if longest > self.context_window:
+            return EngineRefused(f"a {request.phase} request of {longest} tokens exceeds the model's context window "
+                                 f"of {self.context_window}")
+        return None
 
-    def _sample(self, whole: bool) -> list[Completion]:
-        done: list[Completion] = []
-        while self.stream:
-            for request, decoded in self.stream.step().items():
-                if isinstance(request, TopTokens):
-                    done.append(self._complete(request, top_tokens(decoded.first_logits, request.n)))
-                else:
-                    done.append(self._complete(request, decoded.samples()))
-            if not whole:
-                break
+    def _prefill(self, requests: list[ModelRequest]) -> list[Completion]:
+        prefills = [r for r in requests if isinstance(r, Prefill)]
+        for request in prefills:  # kept for its owner until the owner retains otherwise
+            self.engine.claim(request.owner, request.contexts)
+        if prefills and self.engine.reuse_cache:
+            contexts = [(context, r.receipt) for r in prefills for context in r.contexts]
+            self.engine.encode_many([c for c, _ in contexts], [r for _, r in contexts])
+        return [Completion(r, None) for r in prefills]
+
+    def _sample(self, requests: list[ModelRequest]) -> list[Completion]:
+        for request in requests:
+            if isinstance(request, SampleRows):
+                self.stream.join(request, request.context, request.rows, request.uniforms, request.receipt)
+            elif isinstance(request, TopTokens):  # one greedy token: the context's logits come with it
+                self.stream.join(request, request.context, [Row(1, 1.0, 0, greedy=True)], None, request.receipt,
+                                 want_logits=True)
+        if not self.stream:
+            return []
+        done = []
+        for key, decoded in self.stream.step().items():
+            request = cast(ModelRequest, key)  # the stream is keyed by the requests themselves
+            if isinstance(request, TopTokens):
+                assert decoded.first_logits is not None
+                done.append(Completion(request, top_tokens(decoded.first_logits, request.n)))
+            else:
+                done.append(Completion(request, decoded.samples()))
         return done
 
-    def _score(self, whole: bool) -> list[Completion]:
-        if not self.scores:
+    def _score(self, requests: list[ModelRequest]) -> list[Completion]:
+        scores = [r for r in requests if isinstance(r, Score)]
+        if not scores:
             return []
-        for request in self.scores:
-            self.waited[id(request)] = self.waited.get(id(request), 0) + 1
-        if not whole and not self._scoring_due():
-            return []
-        requests, self.scores = self.scores, []
-        for request in requests:
-            del self.waited[id(request)]
-        unique: dict[tuple, int] = {}  # one answer's same evaluation twice in a round: scored once
-        batch: list[Score] = []
-        keys = [(r.owner, tuple(r.prefix), tuple(map(tuple, r.suffixes)), tuple(r.option_ids)) for r in requests]
-        for request, key in zip(requests, keys):
+        unique: dict[tuple[Hashable, tuple[int, ...], tuple[tuple[int, ...], ...], tuple[int, ...]], int] = {}
+        batch: list[Score] = []  # one answer's same evaluation twice in a step: scored once
+        keys = [(r.owner, tuple(r.prefix), tuple(map(tuple, r.suffixes)), tuple(r.option_ids)) for r in scores]
+        for request, key in zip(scores, keys):
             if key not in unique:
                 unique[key] = len(batch)
                 batch.append(request)
-        probs = self.engine.score_many(batch, [self.receipts[id(r)] for r in batch])
-        return [self._complete(r, probs[unique[key]]) for r, key in zip(requests, keys)]
-
-    def _scoring_due(self) -> bool:
-        waiting = {r.owner for r in self.scores}
-        decoding = {r.owner for r in self.stream.requests if r.phase not in PLAIN_PHASES}  # keyed by request
-        searching = waiting | decoding
-        return (not decoding or len(waiting) >= self.VALUE_SHARE * len(searching)
-                or max(self.waited[id(r)] for r in self.scores) >= self.VALUE_WAIT)
+        probs: list[np.ndarray] = self.engine.score_many(batch, [r.receipt for r in batch])
+        return [Completion(r, probs[unique[key]]) for r, key in zip(scores, keys)]
 
     # ------------------------------------------------------------------ bookkeeping
-    def _complete(self, request: ModelRequest, result: Any) -> Completion:
-        receipt = self.receipts[id(request)]
-        self._forget(request)
-        return Completion(request, result, receipt)
-
-    def _forget(self, request: ModelRequest) -> None:
-        self.receipts.pop(id(request), None)
-        self.owners.pop(id(request), None)
-        self.waited.pop(id(request), None)
-
     def _share_time(self, seconds: float, done: list[Completion]) -> None:
         """The call's time, split evenly among the requests it served (charged or completed)."""
-        served = {id(r): r for r in self.engine.touched} | {id(c.receipt): c.receipt for c in done}
+        served = {id(r): r for r in self.engine.touched} | {id(c.request.receipt): c.request.receipt for c in done}
         for receipt in served.values():
             receipt.seconds += seconds / len(served)

@@ -15,7 +15,7 @@ side, left-padded to end at one column.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -169,7 +169,8 @@ class BufferLayer(DynamicLayer):
         self.dtype = keys.dtype
         self.keys, self.values = keys[:, :, :length], values[:, :, :length]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         n = key_states.shape[-2]
         end = self.length + n
         if end > self.kbuf.shape[-2]:
@@ -217,13 +218,30 @@ def padded_cache(segments: list[list[KV]], rows: list[int], capacity: int) -> tu
                 vbuf[row:row + r, :, width - n:width] = concat(segs, layer, 1)
             row += r
         layers.append(BufferLayer(kbuf, vbuf, width))
+    return buffered(layers), pads
+
+
+def buffered(layers: list[BufferLayer]) -> DynamicCache:
+    """A cache over these buffers (what the model's forward appends to in place)."""
     cache = DynamicCache()
-    cache.layers = layers
-    return cache, pads
+    cache.layers = cast(Any, layers)
+    return cache
+
+
+def buffers(cache: DynamicCache) -> list[BufferLayer]:
+    """The layers of a cache this engine laid out (`buffered`)."""
+    return cast("list[BufferLayer]", cache.layers)
 
 
 def cache_kv(cache: DynamicCache, start: int, end: int, row: int = 0) -> KV:
     """Copy positions [start, end) of one row out of a cache (for storing in the prefix tree)."""
-    return [(layer.keys[row:row + 1, :, start:end].clone(), layer.values[row:row + 1, :, start:end].clone())
-            for layer in cache.layers]
+    layers = cast("list[DynamicLayer]", cache.layers)  # a fresh DynamicCache's, or our buffers
+    return [(_kv(layer.keys)[row:row + 1, :, start:end].clone(), _kv(layer.values)[row:row + 1, :, start:end].clone())
+            for layer in layers]
+
+
+def _kv(tensor: torch.Tensor | None) -> torch.Tensor:
+    if tensor is None:
+        raise RuntimeError("engine bug: an empty cache layer")
+    return tensor
 

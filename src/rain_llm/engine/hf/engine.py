@@ -22,14 +22,15 @@ from rain_llm.engine.hf.cache import (
     Chunk,
     PrefixCache,
     buffer_cache,
+    buffers,
     cache_kv,
-    common,
     padded_cache,
     shared_prefixes,
 )
 from rain_llm.errors import RainError
 from rain_llm.runtime.accounting import Receipt
 from rain_llm.runtime.backend import Score
+from rain_llm.runtime.text import Codec
 
 _ENGINE_IDS = itertools.count()
 
@@ -48,7 +49,7 @@ class HFEngine:
     """A transformers causal LM with KV reuse across calls (one cache scope; `scope()` makes
     another over the same weights)."""
 
-    def __init__(self, model: Any, codec: Any, *, reuse_cache: bool = True, seed: int = 0):
+    def __init__(self, model: Any, codec: Codec, *, reuse_cache: bool = True, seed: int = 0):
         self.model = model.eval()
         self.codec = codec
         self.reuse_cache = reuse_cache
@@ -108,7 +109,7 @@ class HFEngine:
         self._charge(receipts, ids.shape[0], ids.shape[1])
         logits = out.logits
         if not self._logits_to_keep:
-            logits = logits[:, index.to(logits.device)] if index is not None else logits[:, -keep:]
+            logits = logits[:, index.to(logits.device)] if index is not None else logits[:, -keep:]  # type: ignore[operator]
         return logits.float(), cache
 
     def _charge(self, receipts: Sequence[Receipt], rows: int, positions: int) -> None:
@@ -137,7 +138,7 @@ class HFEngine:
             out, cache = self.forward(torch.tensor([feed]), cache, receipts=[receipt])
             logits = out[0, -1]
             computed = cache_kv(cache, pos, len(context))
-            if self.reuse_cache:
+            if node is not None:  # reuse on
                 node.add(Chunk(tuple(feed), computed, logits))
             if rows == 1 and segments:  # the buffer already holds everything
                 return cache, logits
@@ -161,9 +162,10 @@ class HFEngine:
         if not fresh:
             return
         n = len(fresh[0][0])
-        index = torch.tensor([slot for _, slot, _ in fresh], device=cache.layers[0].keys.device)
-        block = [(layer.keys[:, :, start:start + n].index_select(0, index),
-                  layer.values[:, :, start:start + n].index_select(0, index)) for layer in cache.layers]
+        layers = buffers(cache)
+        index = torch.tensor([slot for _, slot, _ in fresh], device=layers[0].kbuf.device)
+        block = [(layer.kbuf[:, :, start:start + n].index_select(0, index),
+                  layer.vbuf[:, :, start:start + n].index_select(0, index)) for layer in layers]
         for j, (key, _, logits) in enumerate(fresh):
             node.add(Chunk(key, [(k[j:j + 1], v[j:j + 1]) for k, v in block], logits.clone()))
 
@@ -260,7 +262,7 @@ class HFEngine:
         keep = sorted(set(ends + ([len(rest) - 1] if rest else [])))
         padded = [r + [r[-1]] * (width - len(r)) for r in rows]
         logits, cache = self.forward(torch.tensor(padded), cache, keep=keep, receipts=[receipt])
-        if rest and self.reuse_cache:
+        if rest and node is not None:  # reuse on
             after_prefix = logits[0, keep.index(len(rest) - 1)].clone()
             node.add(Chunk(tuple(rest), cache_kv(cache, pos, pos + len(rest)), after_prefix))
         last = logits[torch.arange(len(rows)), torch.tensor([keep.index(e) for e in ends])]
@@ -376,4 +378,4 @@ def top_tokens(logits: torch.Tensor, n: int) -> list[tuple[int, float]]:
     return [(int(t), float(values[t])) for t in top]
 
 
-__all__ = ["HFEngine", "context_window", "top_tokens", "common"]
+__all__ = ["HFEngine", "context_window", "top_tokens"]

@@ -77,7 +77,7 @@ def converted_folder(gguf: Path, expected: str = "about 20 s", log: Callable[[st
     except Exception as err:  # transformers raises many types for unsupported GGUF
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RainError(f"cannot read GGUF file {gguf} with the installed transformers: {first}") from None
-    model.hf_quantizer = None  # dequantized already: save plain weights
+    model.hf_quantizer = None  # type: ignore[assignment]  # dequantized already: save plain weights
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
@@ -370,7 +370,7 @@ def load_model(model: str | None = None, *, device: str = "auto", dtype: str = "
         if device_map is not None:
             lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(dev)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(dev)  # type: ignore[arg-type]
     except RainError:
         raise
     except (OSError, ValueError, KeyError) as err:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from rain_llm.engine.hf.cache import KV, BufferLayer, cache_kv, concat
+from rain_llm.engine.hf.cache import KV, BufferLayer, buffered, buffers, cache_kv, concat
 from rain_llm.errors import RainError
 from rain_llm.runtime.accounting import Receipt
 from rain_llm.runtime.backend import Row, Sample, TextStop
@@ -40,6 +40,9 @@ class _Context:
         self.segments: list[KV] = []  # its cached KV chunks (batch 1), while joining
         self.tail: int | None = None  # its last token, when only it is uncached
 
+    def length(self) -> int:
+        return sum(kv[0][0].shape[-2] for kv in self.segments)
+
 
 class _Request:
     """Rows of one `DecodeStream.join`: their tokens so far and what they sample with."""
@@ -50,7 +53,7 @@ class _Request:
         self.tokens: list[list[int]] = [[] for _ in self.rows]
         self.logprob = [0.0] * len(self.rows)
         self.left = len(self.rows)  # rows not done yet
-        self.ctx: _Context | None = None
+        self.ctx = _Context(context)  # shared with every request joining with the same context, once admitted
         self.want_logits = want_logits
         self.first_logits: torch.Tensor | None = None  # the logits after the context (if wanted)
 
@@ -109,9 +112,6 @@ class DecodeStream:
             self.joining = [r for r in self.joining if r is not request]
             self.live = [row for row in self.live if row.request is not request]
 
-    def receipts(self) -> list[Receipt]:
-        return [request.receipt for request in self.requests.values()]
-
     @torch.inference_mode()
     def step(self) -> dict[Hashable, _Request]:
         """Admit joining requests, sample one token per row, run one forward; the requests done."""
@@ -135,6 +135,7 @@ class DecodeStream:
                         or (spec.stop is not None and self._text_stops(spec.stop, tokens))):
                     request.left -= 1
                     if row.slot >= 0:  # fed tokens are in the buffer: keep them in the prefix tree
+                        assert row.logits is not None
                         leaving.setdefault(id(request), (request, []))[1].append((tokens[:-1], row.slot, row.logits))
                     if request.left == 0:
                         finished[request.key] = request
@@ -156,7 +157,7 @@ class DecodeStream:
         """Find each joining context's KV (requests with the same context share it); the rows of
         those fully cached (logits known) pick now, the others feed their last token in this
         step's forward. Rows of one context are kept together (their slots are copied at once)."""
-        engine, ready = self.engine, []
+        engine, ready = self.engine, list[_LiveRow]()
         if not self.joining:
             return ready
         groups: dict[tuple[int, ...], list[_Request]] = {}
@@ -189,7 +190,7 @@ class DecodeStream:
 
     def _pick(self, rows: list[_LiveRow]) -> list[tuple[int, float]]:
         """One token per row by its own rule and uniform (rows grouped by rule, one call each)."""
-        logits = torch.stack([row.logits for row in rows])
+        logits = torch.stack([_logits(row) for row in rows])
         u = torch.from_numpy(np.array([row.request.u[row.r, len(row.request.tokens[row.r])] for row in rows]))
         greedy = torch.tensor([row.request.rows[row.r].greedy for row in rows])
         by_rule: dict[tuple[float, int], list[int]] = {}
@@ -216,7 +217,7 @@ class DecodeStream:
         _, node, pos, _ = engine.prefix_cache.lookup(request.context)
         if pos == len(request.context):
             fed = len(rows[0][0])
-            engine.store(node, rows, self.cache, self.cache.layers[0].length - fed)
+            engine.store(node, rows, self.cache, buffers(self.cache)[0].length - fed)
 
     def _advance(self, going: list[_LiveRow], joining: list[_Request]) -> None:
         """New slots for the rows that go on (rows with the same parent slot, or the same joining
@@ -229,10 +230,9 @@ class DecodeStream:
             parent = row.slot if row.slot >= 0 else -1
             token = row.request.tokens[row.r][-1]
             key = (parent, id(row.request.ctx) if parent < 0 else 0, token)
-            if key not in index:
+            if key not in index:  # the slot's work is charged to a request still going (never one done)
                 index[key] = len(sources)
-                receipt = self._slot_receipt[parent] if parent >= 0 else row.request.receipt
-                sources.append((parent, row.request.ctx if parent < 0 else None, token, receipt))
+                sources.append((parent, row.request.ctx if parent < 0 else None, token, row.request.receipt))
             row.slot = index[key]
         tail_slot: dict[int, int] = {}
         tails: list[_Context] = []
@@ -258,7 +258,7 @@ class DecodeStream:
             row.logits = fresh[row.slot]
         for ctx in tails:  # the context's last token is computed now: keep it with its logits
             if engine.reuse_cache:
-                slot, column = tail_slot[id(ctx)], self.cache.layers[0].length - 1
+                slot, column = tail_slot[id(ctx)], buffers(self.cache)[0].length - 1
                 engine.keep_tail(ctx.tokens, len(ctx.tokens) - 1, self.cache, column, slot, fresh[slot])
             ctx.tail, ctx.segments = None, []
 
@@ -266,27 +266,24 @@ class DecodeStream:
         """The buffer for the next forward: each new slot copies an old slot or a joining context,
         left-padded to the longest, with `room` more columns; kept as it is when every old slot
         goes on in place and there is room."""
-        old = self.cache
-        col = old.layers[0].length if old is not None else 0
+        old = buffers(self.cache) if self.cache is not None else None
+        col = old[0].length if old is not None else 0
         parents = [parent for parent, _, _, _ in sources]
         self._slot_receipt = [receipt for _, _, _, receipt in sources]
-        if (old is not None and parents == list(range(old.layers[0].kbuf.shape[0]))
-                and col < old.layers[0].kbuf.shape[2]):
+        if old is not None and parents == list(range(old[0].kbuf.shape[0])) and col < old[0].kbuf.shape[2]:
             return
-        lengths = [col - self.pads[p] if p >= 0 else sum(kv[0][0].shape[-2] for kv in ctx.segments)
-                   for p, ctx, _, _ in sources]
+        lengths = [col - self.pads[p] if p >= 0 else _joining(ctx).length() for p, ctx, _, _ in sources]
         width = max(lengths)
         kept = [p for p in parents if p >= 0]
         kept_width = max(lengths[:len(kept)], default=0)
         alloc = torch.zeros if any(n < width for n in lengths) else torch.empty  # padding must be finite
-        joining = next((ctx for p, ctx, _, _ in sources if p < 0), None)
-        model_layers = old.layers if old is not None else joining.segments[0]  # shapes, dtype, device
+        first = _joining(next((ctx for p, ctx, _, _ in sources if p < 0), None)) if old is None else None
         layers = []
-        for layer in range(len(model_layers)):
+        for layer in range(len(old) if old is not None else len(_joining(first).segments[0])):
             if old is not None:
-                k0, v0 = old.layers[layer].kbuf, old.layers[layer].vbuf
+                k0, v0 = old[layer].kbuf, old[layer].vbuf
             else:
-                k0, v0 = joining.segments[0][layer]
+                k0, v0 = _joining(first).segments[0][layer]  # shapes, dtype, device
             shape = (len(sources), k0.shape[1], width + room, k0.shape[3])
             kbuf = alloc(shape, dtype=k0.dtype, device=k0.device)
             vbuf = alloc((*shape[:3], v0.shape[3]), dtype=v0.dtype, device=v0.device)
@@ -296,7 +293,7 @@ class DecodeStream:
                 vbuf[:len(kept), :, width - kept_width:width] = v0[:, :, col - kept_width:col].index_select(0, index)
             slot = len(kept)
             while slot < len(sources):  # a joining context's slots are consecutive: one copy for them
-                ctx, end = sources[slot][1], slot
+                ctx, end = _joining(sources[slot][1]), slot
                 while end < len(sources) and sources[end][1] is ctx:
                     end += 1
                 n = lengths[slot]
@@ -304,9 +301,20 @@ class DecodeStream:
                 vbuf[slot:end, :, width - n:width] = concat(ctx.segments, layer, 1)
                 slot = end
             layers.append(BufferLayer(kbuf, vbuf, width))
-        self.cache = DynamicCache()
-        self.cache.layers = layers
+        self.cache = buffered(layers)
         self.pads = [width - n for n in lengths]
+
+
+def _joining(ctx: _Context | None) -> _Context:
+    if ctx is None:
+        raise RuntimeError("engine bug: a new slot without its context")
+    return ctx
+
+
+def _logits(row: _LiveRow) -> torch.Tensor:
+    if row.logits is None:
+        raise RuntimeError("engine bug: a row picks before its logits are computed")
+    return row.logits
 
 
 def _rows(requests: list[_Request], logits: torch.Tensor) -> list[_LiveRow]:
