@@ -268,11 +268,12 @@ class ContinuousBatch:
         self.scheduler.cancel(key)
 
     def partial_text(self, key: Hashable) -> str | None:
-        """The text a live RAIN answer has committed so far, held back where it may still change
-        (an unfinished character; a transcript's possible start of a new turn). RAIN never revises
-        a commit, so the final text starts with it. None for answers not searching now."""
+        """The text a live answer has committed so far, held back where it may still change (an
+        unfinished character; a transcript's possible start of a new turn). RAIN never revises a
+        commit and greedy decoding keeps its tokens, so the final text starts with it. None for
+        answers that commit nothing before they end (best-of-n) or are not here."""
         answer = self.scheduler.answers.get(key)
-        if answer is None or answer.search is None:
+        if answer is None or (answer.search is None and answer.method != "vanilla"):
             return None
         text = answer.setup.text(answer.committed())
         if not answer.setup.fmt.chat:

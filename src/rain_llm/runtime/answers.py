@@ -200,13 +200,17 @@ class Answer:
         return list({id(b): b for b in found}.values())
 
     def committed(self) -> list[int]:
-        """The tokens committed so far (a RAIN search never revises them)."""
-        return list(self.search.answer) if self.search is not None else []
+        """The tokens committed so far: a RAIN search never revises them, and greedy decoding
+        (vanilla) keeps every token it decodes (as far as its backend tells: `partial`)."""
+        if self.search is not None:
+            return list(self.search.answer)
+        decoded = getattr(self.setup.policy, "partial", None) if self.method == "vanilla" else None
+        return list(decoded(self.key) or []) if decoded is not None else []
 
     def partial(self) -> Outcome:
         """What the answer is if it ends now: the committed tokens and the search so far."""
         if self.search is None:
-            return Outcome([], self.method)
+            return Outcome(self.committed(), self.method)
         result = SearchResult(tuple(self.search.answer), self.search.stats, [], time.perf_counter() - self.started)
         return Outcome(self.committed(), self.method, result, self.env.value_cache_hits if self.env else 0)
 

@@ -123,7 +123,7 @@ class Scheduler:
 
     def stop(self, key: Hashable) -> Generation | None:
         """End an answer now with what it has committed (a RAIN search never revises a commit;
-        other methods have committed nothing until they finish)."""
+        vanilla keeps what it decoded; best-of-n has committed nothing until it finishes)."""
         answer = self.answers.get(key)
         if answer is None:
             return self.done.pop(key, None)

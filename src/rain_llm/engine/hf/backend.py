@@ -106,6 +106,16 @@ class HFBackend:
         self.prefills = [r for r in self.prefills if id(r) in self.receipts]
         self.scores = [r for r in self.scores if id(r) in self.receipts]
 
+    def partial(self, owner: Hashable) -> list[int] | None:
+        """The tokens decoded so far by `owner`'s plain decoding (one "generate" row: a vanilla
+        answer), or None where it has none in flight."""
+        for request in self.owners.values():
+            if request.owner == owner and isinstance(request, SampleRows) and request.phase in PLAIN_PHASES \
+                    and len(request.rows) == 1:
+                decoding = self.stream.requests.get(request)
+                return list(decoding.tokens[0]) if decoding is not None else []
+        return None
+
     def retain(self, owner: Hashable, prefixes: Sequence[Sequence[int]], *, exact: bool = False,
                prune: bool = True) -> None:
         if prune:
