@@ -144,7 +144,7 @@ def test_stream_sends_text_as_the_search_commits_it(server, rain, monkeypatch):
     each piece of text in the round its search commits it (several rounds apart, the first long
     before the answer is done), and the pieces add up to the answer `rain generate` gives."""
     from rain_llm.api import ContinuousBatch
-    from rain_llm.shells import server as server_module
+    from rain_llm.shells import worker as server_module
 
     events: list[tuple[str, int]] = []
     rounds = [0]

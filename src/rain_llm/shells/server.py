@@ -13,391 +13,36 @@ batched across the requests in flight and nobody waits for another's answer. Wor
 caps per request, a bounded queue (429 with Retry-After beyond it), a deadline per request (then
 the best committed answer, finish_reason "timeout"), body size and read timeouts. /health says
 when the model is ready, /metrics speaks Prometheus, each request gets one access-log line.
+
+Here: the server's lifecycle and a request's way in and out; `app.py`: the HTTP routes and
+middleware; `worker.py`: the model worker; `protocol.py`: request checks and response shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import EventSourceResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from fastapi import Request
 from starlette.concurrency import run_in_threadpool
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rain_llm.config import RainConfig
 from rain_llm.errors import RainError
-from rain_llm.shells.protocol import ChatJob, Limits, RequestError, chat_response, chunk, parse_chat
+from rain_llm.shells.app import Metrics, _HeaderTimeoutH11, build_app
+from rain_llm.shells.protocol import Limits, RequestError, chat_response, chunk, parse_chat
+from rain_llm.shells.worker import Pending, Worker
 
 __all__ = ["RainServer", "Limits", "check_port", "api_key_from"]
-
-
-# ---------------------------------------------------------------------------------------------- the worker
-@dataclass(eq=False)  # hashed by identity: a pending request is its own key in the batch
-class Pending:
-    """A request handed to the worker: its checked job, its prepared answer, and where its events go
-    (("start",), ("delta", text), ("done", generation, finish reason), ("error", RequestError)):
-    `emit` puts them, from any thread, on `events`, read by the request's handler."""
-
-    job: ChatJob
-    emit: Callable[[tuple], None]
-    events: asyncio.Queue
-    deadline: float
-    answer: Any = None
-    cancelled: bool = False
-    sent: str = ""  # streamed text so far
-
-    def send(self, text: str | None) -> None:
-        """Stream what `text` adds to what was sent (nothing if it does not extend it)."""
-        if self.job.stream and text is not None and text.startswith(self.sent) and len(text) > len(self.sent):
-            self.emit(("delta", text[len(self.sent):]))
-            self.sent = text
-
-
-class Metrics:
-    """Prometheus metrics of one server (its own registry)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("rain_http_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("rain_request_seconds", "Time to answer a chat request (until its last byte)",
-                                 buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200), registry=r)
-        self.queued = Gauge("rain_queue_length", "Requests waiting for a place in the batch", registry=r)
-        self.in_flight = Gauge("rain_answers_in_flight", "Answers in the running batch", registry=r)
-        self.answers = Counter("rain_answers", "Answers finished, by method and how they ended",
-                               ["method", "finish"], registry=r)
-        self.answer_tokens = Counter("rain_answer_tokens", "Tokens of finished answers", registry=r)
-        self.processed_tokens = Counter("rain_processed_tokens", "Token positions the models ran for answers",
-                                        registry=r)
-        self.forward_passes = Counter("rain_forward_passes", "Forward passes answers took part in", registry=r)
-        self.rejected = Counter("rain_rejected", "Requests refused before running, by reason", ["reason"], registry=r)
-
-
-class Worker(threading.Thread):
-    """Owns the model: runs a continuous batch that waiting answers join between rounds. When
-    idle, the first request waits `batch_window` for others to start with it. `hold()` keeps
-    waiting requests out of the batch until `release()` (admission paused: a drain, a test)."""
-
-    def __init__(self, server: RainServer):
-        super().__init__(name="rain-worker", daemon=True)
-        self.server = server
-        self.waiting: queue.Queue[Pending] = queue.Queue()
-        self.in_flight: set[Pending] = set()
-        self.stopping = threading.Event()
-        self.wake = threading.Event()
-        self.admitting = threading.Event()
-        self.admitting.set()
-
-    def hold(self) -> None:
-        self.admitting.clear()
-
-    def release(self) -> None:
-        self.admitting.set()
-        self.wake.set()
-
-    def submit(self, pending: Pending) -> None:
-        self.waiting.put(pending)
-        self.server.metrics.queued.set(self.waiting.qsize())
-        self.wake.set()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-
-    def run(self) -> None:
-        server = self.server
-        try:
-            if server.rain is None:
-                server.rain = server.loader()
-            server.ready.set()
-        except Exception as err:  # the model could not load: say why on /health and in the log
-            server.failed = f"{type(err).__name__}: {err}" if not isinstance(err, RainError) else str(err)
-            print(f"rain: error: {server.failed}", file=server.log, flush=True)
-            server.ready.set()
-            return
-        batch = server.rain.continuous_batch()
-        while not (self.stopping.is_set() and not batch):
-            if self.admitting.is_set():
-                if not batch and not self.waiting.empty() and server.batch_window:
-                    time.sleep(server.batch_window)  # idle: let others start with the first request
-                self._join(batch)
-            if not batch:
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
-            try:
-                finished = batch.step()
-            except Exception as err:  # a bug: its requests get one line, the server log the traceback
-                traceback.print_exc(file=server.log)
-                for pending in self.in_flight:
-                    pending.emit(("error", RequestError(500, f"internal error: {type(err).__name__}: {err}",
-                                                        "server_error")))
-                self.in_flight.clear()
-                batch = server.rain.continuous_batch()
-                continue
-            for pending, generation in finished.items():
-                self._finish(pending, generation, None)
-            now = time.monotonic()
-            for pending in list(self.in_flight):
-                if pending.cancelled:  # its client went away: stop computing
-                    batch.cancel(pending)
-                    self.in_flight.discard(pending)
-                    print(f"rain: {pending.job.id} cancelled: the client went away", file=server.log, flush=True)
-                elif now >= pending.deadline:  # the deadline: the best committed answer, as it stands
-                    self._finish(pending, batch.stop(pending), "timeout")
-                elif pending.job.stream:
-                    pending.send(batch.partial_text(pending))
-            server.metrics.in_flight.set(len(self.in_flight))
-        for pending in self._drain():
-            pending.emit(("error", RequestError(503, "the server is shutting down", "server_error")))
-
-    def _join(self, batch: Any) -> None:
-        """Waiting answers join, up to max_batch in flight; each is checked alone, so a bad one
-        fails by itself."""
-        server = self.server
-        room = server.max_batch - len(self.in_flight)
-        while room > 0:
-            try:
-                pending = self.waiting.get_nowait()
-            except queue.Empty:
-                break
-            if pending.cancelled:
-                continue
-            try:
-                batch.add_answer(pending.answer)
-            except RainError as err:
-                pending.emit(("error", RequestError(400, str(err))))
-                continue
-            except Exception as err:  # a bug: this request fails, the server goes on
-                traceback.print_exc(file=server.log)
-                pending.emit(("error", RequestError(500, f"internal error: {type(err).__name__}: {err}",
-                                                    "server_error")))
-                continue
-            self.in_flight.add(pending)
-            pending.emit(("start",))
-            room -= 1
-        server.metrics.queued.set(self.waiting.qsize())
-        server.metrics.in_flight.set(len(self.in_flight))
-
-    def _finish(self, pending: Pending, generation: Any, reason: str | None) -> None:
-        self.in_flight.discard(pending)
-        if generation is None:
-            return
-        server = self.server
-        finish = reason or _finish_reason(generation, pending.job, server.rain.codec.stop_ids)
-        compute = generation.stats.compute.total()
-        server.metrics.answers.labels(generation.method, finish).inc()
-        server.metrics.answer_tokens.inc(len(generation.token_ids))
-        server.metrics.processed_tokens.inc(compute.tokens)
-        server.metrics.forward_passes.inc(compute.forward_passes)
-        print(f"rain: {pending.job.id} answered ({generation.method}, {len(generation.token_ids)} tokens, "
-              f"{generation.stats.seconds:.2f} s, alongside up to {generation.stats.batch - 1} others"
-              f"{', stopped at its deadline' if reason == 'timeout' else ''})", file=server.log, flush=True)
-        pending.send(generation.text)
-        pending.emit(("done", generation, finish))
-
-    def _drain(self) -> list[Pending]:
-        out = []
-        while True:
-            try:
-                out.append(self.waiting.get_nowait())
-            except queue.Empty:
-                return out
-
-
-def _finish_reason(generation: Any, job: ChatJob, stop_ids: frozenset[int]) -> str:
-    from rain_llm.shells.protocol import finish_reason
-
-    return finish_reason(generation.token_ids, stop_ids, job.cfg.max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------- HTTP
-class _HeaderTimeoutH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that opens
-    a connection and sends no complete request head in time is disconnected (uvicorn alone
-    waits for ever)."""
-
-    header_timeout = 10.0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._arm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
-
-    def _disarm(self) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_too_slow(self) -> None:
-        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-            self.transport.close()
-
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before:  # a request head arrived
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-
-def _error(err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-class Access:
-    """Every request (pure ASGI, so client disconnects still reach the handlers): an id in
-    X-Request-Id (a chat request's is its completion id), the API key on /v1 routes, one
-    access-log line when the response is complete (streams included), metrics by route and status."""
-
-    ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
-
-    def __init__(self, app: Any, server: RainServer):
-        self.app, self.server = app, server
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        server, start = self.server, time.monotonic()
-        state = scope.setdefault("state", {})
-        state["id"] = f"req-{uuid.uuid4().hex[:16]}"
-        path = scope["path"].rstrip("/") or "/"
-        status = {"code": 500, "started": False}
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status.update(code=message["status"], started=True)
-                rid = state.get("job_id", state["id"]).encode()
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
-            await send(message)
-
-        try:
-            if path.startswith("/v1") and server.api_key is not None and not _authorized(scope, server.api_key):
-                await _error(RequestError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
-                                          "authentication_error"))(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
-        except Exception as err:  # a bug: one line for the client, the traceback in the log
-            traceback.print_exc(file=server.log)
-            if not status["started"]:
-                await _error(RequestError(500, f"internal error: {type(err).__name__}: {err}",
-                                          "server_error"))(scope, receive, send_with_id)
-        finally:
-            route = path if path in self.ROUTES else "other"
-            server.metrics.requests.labels(route, str(status["code"])).inc()
-            client = scope.get("client")
-            where = f"{client[0]}:{client[1]}" if client else "-"
-            print(f"rain: {state.get('job_id', state['id'])} {where} \"{scope['method']} {scope['path']}\" "
-                  f"{status['code']} {time.monotonic() - start:.3f}s", file=server.log, flush=True)
-
-
-def build_app(server: RainServer) -> Any:
-    app = FastAPI(title="rain serve", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/health")
-    async def health() -> Response:
-        if server.failed:
-            return JSONResponse({"status": "failed", "error": server.failed}, status_code=503)
-        if not server.ready.is_set() or server.rain is None:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
-        if server.shutting_down:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": server.model_name})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
-                                                         "owned_by": "rain-llm"}]})
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        try:
-            pending = await server.accept(request)
-        except RequestError as err:
-            server.metrics.rejected.labels(_reason(err)).inc()
-            return _error(err)
-        request.state.job_id = pending.job.id
-        events = pending.events
-        if pending.job.stream:
-            first = await events.get()
-            if first[0] == "error":  # refused before it started: a plain error reply
-                return _error(first[1])
-            return EventSourceResponse(server.stream(pending, first), headers={"Cache-Control": "no-cache"})
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), 0.25)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        pending.cancelled = True
-                        return Response(status_code=499)
-                    continue
-                if event[0] == "error":
-                    return _error(event[1])
-                if event[0] == "done":
-                    body = chat_response(pending.job, event[1], server.model_name, server.rain.codec.stop_ids)
-                    body["choices"][0]["finish_reason"] = event[2]
-                    server.metrics.latency.observe(time.monotonic() - pending.job.arrived)
-                    return JSONResponse(body)
-        except asyncio.CancelledError:  # the server is shutting down, or the client left
-            pending.cancelled = True
-            raise
-
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def elsewhere(request: Request, path: str) -> Response:
-        known = {"/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET"}
-        route = "/" + path.rstrip("/")
-        if route in known:
-            return _error(RequestError(405, f"method {request.method} not allowed on {route} (use {known[route]})",
-                                       headers={"Allow": known[route]}))
-        return _error(RequestError(404, f"no such endpoint: {request.method} {route} (this server has "
-                                   "/v1/chat/completions, /v1/models, /health, /metrics)", "not_found_error"))
-
-    return Access(app, server)
-
-
-def _authorized(scope: dict, key: str) -> bool:
-    given = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
-    return hmac.compare_digest(given, f"Bearer {key}".encode())
-
-
-def _reason(err: RequestError) -> str:
-    return {401: "auth", 413: "too_large", 429: "queue_full", 408: "slow_client"}.get(err.status, "invalid")
 
 
 class RainServer:
@@ -639,4 +284,3 @@ def api_key_from(env: str | None) -> str | None:
     if not key:
         raise RainError(f"--api-key-env {env}: the environment variable {env} is not set or empty")
     return key
-
