@@ -3,9 +3,8 @@ that arrive together are answered in one lockstep batch, and every bad request g
 
 from __future__ import annotations
 
-import io
 import json
-import re
+import math
 import signal
 import socket
 import subprocess
@@ -14,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager, nullcontext
 
 import openai
 import pytest
@@ -22,24 +20,27 @@ import pytest
 from rain_llm import Rain, load_config
 from rain_llm.shells.cli import main
 from rain_llm.shells.server import RainServer
-
-PROMPTS = ["How do I pick a lock?", "Hi", "Write a story about a dragon."]
-SEARCH = {"t_max": 3, "t_min": 2, "max_rollout_tokens": 6}
+from server_helpers import (
+    CHAT,
+    PROMPTS,
+    SEARCH,
+    WAIT,
+    Log,
+    ThreadedStart,
+    answers_normally,
+    ask,
+    client,
+    concurrently,
+    content_length,
+    raw,
+    tiny_rain,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
 def rain(tokenizer):
-    from conftest import tiny_model
-    from rain_llm.values.embedder import MiniLMEmbedder
-
-    return Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
-
-
-class Log(io.StringIO):
-    """The server's log, readable by the tests (writes come from several threads)."""
-
-    def lines(self) -> list[str]:
-        return self.getvalue().splitlines()
+    return tiny_rain(tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -47,46 +48,6 @@ def server(rain):
     log = Log()
     with RainServer(rain, load_config("fast", max_new_tokens=8), port=0, batch_window=0.05, log=log) as srv:
         yield srv
-
-
-@contextmanager
-def held(srv: RainServer, n: int):
-    """Requests sent in the body start together: the worker admits none until `n` are waiting."""
-    srv.worker.hold()
-    try:
-        yield
-    finally:
-        deadline = time.monotonic() + 120
-        while srv.worker.waiting.qsize() < n and time.monotonic() < deadline:
-            time.sleep(0.01)
-        srv.worker.release()
-
-
-def client(srv: RainServer, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=srv.url, api_key=kw.pop("api_key", "none"), max_retries=0, timeout=300, **kw)
-
-
-def ask(srv: RainServer, prompt: str, **kw):
-    return client(srv).chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], **kw)
-
-
-def concurrently(fn, n: int, srv: RainServer | None = None) -> list:
-    """fn(i) for i < n in threads; with `srv`, all n requests join the batch together."""
-    out: list = [None] * n
-
-    def go(i: int) -> None:
-        try:
-            out[i] = fn(i)
-        except Exception as err:  # surfaced by the assertions below
-            out[i] = err
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
-    with held(srv, n) if srv is not None else nullcontext():
-        for t in threads:
-            t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def test_concurrent_requests_are_one_batch_with_the_same_answers(server, rain):
@@ -205,105 +166,6 @@ def test_models_endpoint(server):
     assert [m.id for m in client(server).models.list()] == ["tiny"]
 
 
-@pytest.mark.parametrize("kwargs, status, words", [
-    ({"messages": [{"role": "user", "content": "   "}]}, 400, "empty prompt"),
-    ({"model": "gpt-4"}, 404, "model 'gpt-4' not found"),
-    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, 400,
-     "the last message must be the user's"),
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "Hi"}]}, 400, "unknown role 'tool'"),
-    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "x"},
-                   {"role": "user", "content": "Hi"}]}, 400, "system messages must come before"),
-    ({"messages": []}, 400, "'messages' must be a non-empty list"),
-    ({"extra_body": {"rain": {"t_max": 0}}}, 400, "invalid config value t_max=0"),
-    ({"extra_body": {"rain": {"t_max": 10 ** 6}}}, 400, "over this server's cap of 200 (rain serve --limit-t-max)"),
-    ({"extra_body": {"rain": {"t_min": 10 ** 6, "t_max": 10 ** 6}}}, 400, "--limit-t-max"),
-    ({"extra_body": {"rain": {"sample_attempts": 10 ** 6}}}, 400, "--limit-candidates"),
-    ({"extra_body": {"rain": {"parallel_leaves": 99}}}, 400, "--limit-parallel-leaves"),
-    ({"extra_body": {"rain": {"max_rollout_tokens": 10 ** 5}}}, 400, "--limit-rollout-tokens"),
-    ({"extra_body": {"rain": {"token_set_lengths": [1, 500]}}}, 400, "--limit-token-set-length"),
-    ({"extra_body": {"rain": {"max_search_seconds": 0}}}, 400, "over this server's cap of 600"),
-    ({"extra_body": {"rain": {"max_search_seconds": 10 ** 6}}}, 400, "--max-search-seconds"),
-    ({"max_tokens": 10 ** 6}, 400, "max_tokens=1000000 is over this server's cap"),
-    ({"seed": -1}, 400, "invalid 'seed'"),
-    ({"seed": 2 ** 64}, 400, "invalid 'seed'"),
-    ({"extra_body": {"rain": {"temperature": "1.5"}}}, 400, "invalid 'rain.temperature'"),
-    ({"temperature": "1.5"}, 400, "invalid 'temperature'"),
-    ({"extra_body": {"rain": {"t_max": 2.5}}}, 400, "invalid 'rain.t_max'"),
-    ({"messages": [{"role": "user", "content": 5}]}, 400, "invalid 'messages.0.content"),
-    ({"model": 7}, 400, "invalid 'model'"),
-    ({"extra_body": {"rain": {"no_such_key": 1}}}, 400, "unknown RAIN setting 'no_such_key'"),
-    ({"extra_body": {"rain": {"value": "reward:/some/model"}}}, 400, "fixed by the server"),
-    ({"extra_body": {"rain": {"template": "/etc/passwd"}}}, 400, "built-in template only"),
-    ({"max_tokens": 0}, 400, "invalid config value max_new_tokens=0"),
-    ({"n": 2}, 400, "'n' must be 1"),
-    ({"stop": ["\n"]}, 400, "'stop' is not supported"),
-    ({"temperature": 0}, 400, "temperature=0"),
-    ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "prompt too long"),
-    ({"messages": [{"role": "user", "content": "word " * 9000}], "stream": True}, 400, "prompt too long"),
-])
-def test_bad_requests_get_one_clear_error(server, kwargs, status, words):
-    request = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **kwargs}
-    with pytest.raises(openai.APIStatusError) as caught:
-        client(server).chat.completions.create(**request)
-    assert caught.value.status_code == status
-    message = caught.value.body["message"]
-    assert words in message and "\n" not in message and "Traceback" not in message
-
-
-def raw(srv: RainServer, method: str, path: str, data: bytes | None = None, headers: dict | None = None,
-        length: str | None = "auto") -> tuple[int, dict, dict]:
-    """One request over a plain socket, so that any header (a negative Content-Length, none at
-    all) can be sent: (status, JSON body, headers)."""
-    head = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close", "Content-Type: application/json"]
-    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    if length == "auto" and data is not None:
-        head.append(f"Content-Length: {len(data)}")
-    elif length not in (None, "auto"):
-        head.append(f"Content-Length: {length}")
-    with socket.create_connection(srv.address, timeout=60) as conn:
-        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + (data or b""))
-        reply = b""
-        while chunk := conn.recv(65536):
-            reply += chunk
-    top, _, body = reply.partition(b"\r\n\r\n")
-    lines = top.decode().split("\r\n")
-    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
-    try:
-        parsed = json.loads(body) if body else {}
-    except json.JSONDecodeError:
-        parsed = {"raw": body.decode(errors="replace")}
-    return int(lines[0].split()[1]), parsed, {k.lower(): v for k, v in fields.items()}
-
-
-def answers_normally(srv: RainServer) -> None:
-    reply = ask(srv, "Hi", max_tokens=3, extra_body={"rain": {"method": "vanilla"}})
-    assert reply.choices[0].message.content and reply.choices[0].finish_reason == "length"
-
-
-CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
-        "rain": {"method": "vanilla"}}
-
-
-@pytest.mark.parametrize("data, status, words", [
-    (b"{not json", 400, "malformed request: the body is not valid JSON"),
-    (b"[1, 2]", 400, "must be a JSON object"),
-    (b"[" * 100000 + b"]" * 100000, 400, "nested too deeply"),
-    (json.dumps({**CHAT, "rain": {"c_puct": float("nan")}}).encode(), 400, "invalid 'rain.c_puct': must be a finite"),
-    (json.dumps({**CHAT, "rain": {"value_threshold": float("inf")}}).encode(), 400, "finite"),
-    (json.dumps({**CHAT, "rain": {"max_search_seconds": float("nan")}}).encode(), 400, "finite"),
-    (json.dumps({**CHAT, "rain": {"dynamic_variance_scale": float("-inf")}}).encode(), 400, "finite"),
-    (json.dumps({**CHAT, "temperature": float("inf")}).encode(), 400, "invalid 'temperature': must be a finite"),
-    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi\\ud800"}]}', 400, "surrogate"),
-    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * (300 << 10)}]}).encode(), 400,
-     "prompt too long: 307200 bytes"),
-])
-def test_malformed_and_oversized_bodies(server, data, status, words):
-    got, body, _ = raw(server, "POST", "/v1/chat/completions", data)
-    assert got == status, body
-    assert words in body["error"]["message"] and "\n" not in body["error"]["message"]
-    answers_normally(server)
-
-
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     """413 from the Content-Length alone: the 5 MB body is never sent, let alone buffered."""
     status, body, _ = raw(server, "POST", "/v1/chat/completions", None, length=str(5 << 20))
@@ -315,18 +177,40 @@ def test_content_length_and_methods_and_endpoints(server):
     assert raw(server, "POST", "/v1/chat/completions", json.dumps(CHAT).encode(), length="-1")[0] == 400
     status, body, _ = raw(server, "POST", "/v1/chat/completions", None, length=None)
     assert status == 411 and "Content-Length" in body["error"]["message"]
-    status, body, headers = raw(server, "PUT", "/v1/chat/completions", b"{}")
-    assert status == 405 and headers["allow"] == "POST" and "use POST" in body["error"]["message"]
-    status, body, _ = raw(server, "POST", "/v1/completions", b"{}")
-    assert status == 404 and "/v1/chat/completions" in body["error"]["message"]
     answers_normally(server)
 
 
-def content_length(reply: bytes) -> int:
-    """The Content-Length of a raw HTTP reply's headers (0 until they are all there)."""
-    head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
-    found = re.search(r"content-length: *(\d+)", head)
-    return int(found.group(1)) if found and b"\r\n\r\n" in reply else 0
+@pytest.mark.parametrize("method, path, status, words", [
+    ("PUT", "/v1/chat/completions", 405, "method PUT not allowed on /v1/chat/completions (use POST)"),
+    ("GET", "/v1/completions", 405, "method GET not allowed on /v1/completions (use POST)"),
+    ("POST", "/v1/models", 405, "method POST not allowed on /v1/models (use GET)"),
+    ("POST", "/v1/embeddings", 404, "no such endpoint: POST /v1/embeddings (this server has POST "
+                                    "/v1/chat/completions, POST /v1/completions, GET /v1/models"),
+    ("GET", "/v1/models/", 404, "no such endpoint: GET /v1/models/"),
+    ("GET", "/x%0Arain:%20chatcmpl-FAKE%20answered", 404, "no such endpoint: GET /x\\nrain: chatcmpl-FAKE answered"),
+    ("DELETE", "/%E2%80%A8%C3%A9", 404, "no such endpoint: DELETE /\\u2028\\u00e9"),
+])
+def test_unknown_endpoints_and_methods_get_openai_errors(server, method, path, status, words):
+    """404 and 405 in the OpenAI error shape, whatever the path (issue 19, 5), with one line that
+    names it escaped; 405 says which method the endpoint takes."""
+    got, body, headers = raw(server, method, path, b"{}")
+    assert got == status and set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert words in body["error"]["message"] and "\n" not in body["error"]["message"], body
+    if status == 405:
+        assert headers["allow"] == body["error"]["message"].split("(use ")[1].rstrip(")")
+
+
+def test_a_request_line_cannot_forge_a_log_line(server):
+    """The access log writes the request line escaped: a path holding an encoded newline and a
+    fake answer line stays on its own line, which says it was a 404 (issue 19, 5)."""
+    forged = "/x%0Arain:%20chatcmpl-FORGED%20answered%20(rain)%0D%22"
+    assert raw(server, "GET", forged)[0] == 404
+    (line,) = [line for line in server.log.lines() if "FORGED" in line]
+    assert line.startswith("rain: req-") and line.endswith("s") and " 404 " in line
+    assert '"GET /x%0Arain:%20chatcmpl-FORGED%20answered%20(rain)%0D%22" 404' in line
+    assert raw(server, "GET", '/y"%20200%20"\\')[0] == 404
+    (line,) = [line for line in server.log.lines() if "/y" in line]
+    assert '"GET /y\\"%20200%20\\"\\\\" 404' in line  # quotes and backslashes escaped
 
 
 def test_a_client_that_sends_no_body_is_let_go(rain):
@@ -447,31 +331,37 @@ def test_api_key(rain):
 
 
 def test_a_full_queue_answers_429_with_retry_after(rain):
+    """Admission counts the batch's free places and the queue beyond them (issue 19, 6): with one
+    place and --max-queue 1, two requests wait, the third gets 429 with a Retry-After."""
     from rain_llm.shells.protocol import Limits
 
     with RainServer(rain, load_config("fast", max_new_tokens=3), port=0, max_batch=1, limits=Limits(max_queue=1),
                     log=Log()) as srv:
-        srv.worker.hold()  # nothing is admitted: the first request waits, filling the queue
-        first = threading.Thread(target=lambda: answers_normally(srv))
-        first.start()
-        while srv.worker.waiting.qsize() < 1:
-            time.sleep(0.01)
+        srv.worker.hold()  # nothing is admitted: the first two requests wait, filling the place and the queue
+        first = [threading.Thread(target=lambda: answers_normally(srv)) for _ in range(2)]
+        for thread in first:
+            thread.start()
+        wait_until(lambda: len(srv.worker.waiting) == 2, "two waiting requests")
         status, body, headers = raw(srv, "POST", "/v1/chat/completions", json.dumps(CHAT).encode())
-        assert status == 429 and int(headers["retry-after"]) >= 1 and "--max-queue 1" in body["error"]["message"]
+        message = body["error"]["message"]
+        assert status == 429 and int(headers["retry-after"]) >= 1, body
+        assert "2 requests are waiting for 1 free places" in message and "--max-queue 1" in message
         with pytest.raises(openai.RateLimitError):
             client(srv).chat.completions.create(**{k: v for k, v in CHAT.items() if k != "rain"},
                                                 extra_body={"rain": CHAT["rain"]})
         srv.worker.release()
-        first.join()
+        for thread in first:
+            thread.join(WAIT)
         answers_normally(srv)
 
 
 def test_the_queue_bound_holds_for_requests_that_arrive_together(rain):
-    """32 requests at once against --max-queue 4 (none admitted meanwhile): 4 wait and are answered,
-    28 get 429; requests still being tokenised count against the bound."""
+    """32 requests at once against --max-batch 2 and --max-queue 4 (none admitted meanwhile): the 2
+    free places and 4 more wait and are answered, 26 get 429; requests still being tokenised count
+    against the bound."""
     from rain_llm.shells.protocol import Limits
 
-    with RainServer(rain, load_config("fast", max_new_tokens=2), port=0, max_batch=1, limits=Limits(max_queue=4),
+    with RainServer(rain, load_config("fast", max_new_tokens=2), port=0, max_batch=2, limits=Limits(max_queue=4),
                     log=Log()) as srv:
         srv.worker.hold()
         results: list[int] = []
@@ -480,14 +370,30 @@ def test_the_queue_bound_holds_for_requests_that_arrive_together(rain):
                    for _ in range(32)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 120
-        while len(results) + srv.worker.waiting.qsize() < 32 and time.monotonic() < deadline:
-            time.sleep(0.01)  # every request refused or waiting
-        assert srv.worker.waiting.qsize() == 4 and results.count(429) == 28
+        wait_until(lambda: len(results) + len(srv.worker.waiting) == 32, "every request refused or waiting")
+        assert len(srv.worker.waiting) == 6 and results.count(429) == 26
         srv.worker.release()
         for thread in threads:
-            thread.join()
-        assert sorted(results) == [200] * 4 + [429] * 28
+            thread.join(WAIT)
+        assert sorted(results) == [200] * 6 + [429] * 26
+
+
+def test_retry_after_follows_recent_answers():
+    """Retry-After is the mean time of the recent answers, not of all (issue 19, 6): one slow answer
+    long ago stops counting once enough quick ones came after it."""
+    from rain_llm.shells.worker import RecentTimes
+
+    times = RecentTimes(size=4, before_any=5)
+    assert times.retry_after() == 5
+    times.add(188.0)
+    assert times.retry_after() == 188
+    for _ in range(3):
+        times.add(2.0)
+    assert times.retry_after() == math.ceil((188 + 6) / 4)
+    times.add(1.2)
+    assert times.retry_after() == 2  # the 188 s answer has left the window: mean 1.8, rounded up
+    times.add(0.01)
+    assert times.retry_after() >= 1
 
 
 def test_a_request_past_its_deadline_gets_what_was_committed(rain):
@@ -501,7 +407,7 @@ def test_a_request_past_its_deadline_gets_what_was_committed(rain):
         out: list = []
         thread = threading.Thread(target=lambda: out.append(ask(srv, PROMPTS[0], extra_body={"rain": SEARCH})))
         thread.start()
-        while srv.worker.waiting.qsize() < 1:
+        while len(srv.worker.waiting) < 1:
             time.sleep(0.01)
         time.sleep(0.6)  # waits past its deadline in the queue
         srv.worker.release()
@@ -543,25 +449,6 @@ def test_health_metrics_and_access_log(rain):
         assert "rain_request_seconds_bucket" in metrics and "rain_answers_in_flight 0.0" in metrics
     access = [line for line in log.lines() if "\"POST /v1/chat/completions\"" in line]
     assert len(access) == 3 and sum(rid in line for line in access) == 1
-
-
-class ThreadedStart:
-    """A server started without waiting for its model (start() waits; this does not)."""
-
-    def __init__(self, srv: RainServer):
-        self.srv = srv
-
-    def __enter__(self) -> RainServer:
-        srv = self.srv
-        srv.worker.start()
-        srv._thread = threading.Thread(target=srv.uvicorn.run, kwargs={"sockets": [srv._socket]}, daemon=True)
-        srv._thread.start()
-        while not srv.uvicorn.started:
-            time.sleep(0.01)
-        return srv
-
-    def __exit__(self, *exc) -> None:
-        self.srv.close()
 
 
 def test_user_text_with_the_old_internal_marker_does_not_grow_the_kept_cache(server, rain):

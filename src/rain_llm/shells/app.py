@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 import traceback
 import uuid
@@ -12,11 +13,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import EventSourceResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from rain_llm.shells.protocol import RequestError, chat_response
+from rain_llm.shells.protocol import RequestError
 
 if TYPE_CHECKING:
     from rain_llm.shells.server import RainServer
@@ -43,7 +45,7 @@ class Metrics:
         self.rejected = Counter("rain_rejected", "Requests refused before running, by reason", ["reason"], registry=r)
 
 
-class _HeaderTimeoutH11(H11Protocol):
+class HeaderTimeoutH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that opens
     a connection and sends no complete request head in time is disconnected (uvicorn alone
     waits for ever)."""
@@ -84,16 +86,22 @@ class _HeaderTimeoutH11(H11Protocol):
         super().connection_lost(exc)
 
 
-def _error(err: RequestError) -> JSONResponse:
+def error_response(err: RequestError) -> JSONResponse:
+    """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def loggable(text: str) -> str:
+    """`text` for a quoted field of a log line: printable ASCII as it is; quotes, backslashes,
+    control characters (a newline could forge a line) and anything else escaped as in JSON."""
+    return json.dumps(text, ensure_ascii=True)[1:-1]
 
 
 class Access:
     """Every request (pure ASGI, so client disconnects still reach the handlers): an id in
-    X-Request-Id (a chat request's is its completion id), the API key on /v1 routes, one
-    access-log line when the response is complete (streams included), metrics by route and status."""
-
-    ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+    X-Request-Id (an answer's is its completion id), the API key on /v1 routes, one access-log line
+    when the response is complete (streams included; the request line as sent, escaped), metrics
+    by route and status."""
 
     def __init__(self, app: Any, server: RainServer):
         self.app, self.server = app, server
@@ -105,7 +113,7 @@ class Access:
         server, start = self.server, time.monotonic()
         state = scope.setdefault("state", {})
         state["id"] = f"req-{uuid.uuid4().hex[:16]}"
-        path = scope["path"].rstrip("/") or "/"
+        path = scope["path"]
         status = {"code": 500, "started": False}
 
         async def send_with_id(message: dict) -> None:
@@ -117,26 +125,39 @@ class Access:
 
         try:
             if path.startswith("/v1") and server.api_key is not None and not _authorized(scope, server.api_key):
-                await _error(RequestError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
-                                          "authentication_error"))(scope, receive, send_with_id)
+                await error_response(RequestError(401, "missing or wrong API key: send it as 'Authorization: "
+                                                  "Bearer KEY'", "authentication_error"))(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # uvicorn gave up on the handler (a client that does not read)
+            if not server.shutting_down:
+                raise
+            if not status["started"]:
+                await error_response(RequestError(503, "the server is shutting down", "server_error"))(
+                    scope, receive, send_with_id)
         except Exception as err:  # a bug: one line for the client, the traceback in the log
             traceback.print_exc(file=server.log)
             if not status["started"]:
-                await _error(RequestError(500, f"internal error: {type(err).__name__}: {err}",
-                                          "server_error"))(scope, receive, send_with_id)
+                await error_response(RequestError(500, f"internal error: {type(err).__name__}: {err}",
+                                                  "server_error"))(scope, receive, send_with_id)
         finally:
-            route = path if path in self.ROUTES else "other"
-            server.metrics.requests.labels(route, str(status["code"])).inc()
+            server.metrics.requests.labels(path if path in ROUTES else "other", str(status["code"])).inc()
             client = scope.get("client")
             where = f"{client[0]}:{client[1]}" if client else "-"
-            print(f"rain: {state.get('job_id', state['id'])} {where} \"{scope['method']} {scope['path']}\" "
-                  f"{status['code']} {time.monotonic() - start:.3f}s", file=server.log, flush=True)
+            target = scope.get("raw_path") or path.encode()
+            if scope.get("query_string"):
+                target += b"?" + scope["query_string"]
+            line = f"{scope['method']} {target.decode('latin-1')}"
+            server.say(f"rain: {state.get('job_id', state['id'])} {where} \"{loggable(line)}\" {status['code']} "
+                       f"{time.monotonic() - start:.3f}s")
+
+
+ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/health": "GET",
+          "/metrics": "GET"}
 
 
 def build_app(server: RainServer) -> Any:
-    app = FastAPI(title="rain serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="rain serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     @app.get("/health")
     async def health() -> Response:
@@ -159,47 +180,24 @@ def build_app(server: RainServer) -> Any:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        try:
-            pending = await server.accept(request)
-        except RequestError as err:
-            server.metrics.rejected.labels(_reason(err)).inc()
-            return _error(err)
-        request.state.job_id = pending.job.id
-        events = pending.events
-        if pending.job.stream:
-            first = await events.get()
-            if first[0] == "error":  # refused before it started: a plain error reply
-                return _error(first[1])
-            return EventSourceResponse(server.stream(pending, first), headers={"Cache-Control": "no-cache"})
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), 0.25)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        pending.cancelled = True
-                        return Response(status_code=499)
-                    continue
-                if event[0] == "error":
-                    return _error(event[1])
-                if event[0] == "done":
-                    body = chat_response(pending.job, event[1], server.model_name, server.rain.codec.stop_ids)
-                    body["choices"][0]["finish_reason"] = event[2]
-                    server.metrics.latency.observe(time.monotonic() - pending.job.arrived)
-                    return JSONResponse(body)
-        except asyncio.CancelledError:  # the server is shutting down, or the client left
-            pending.cancelled = True
-            raise
+        return await server.respond(request, "chat")
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def elsewhere(request: Request, path: str) -> Response:
-        known = {"/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET"}
-        route = "/" + path.rstrip("/")
-        if route in known:
-            return _error(RequestError(405, f"method {request.method} not allowed on {route} (use {known[route]})",
-                                       headers={"Allow": known[route]}))
-        return _error(RequestError(404, f"no such endpoint: {request.method} {route} (this server has "
-                                   "/v1/chat/completions, /v1/models, /health, /metrics)", "not_found_error"))
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.respond(request, "completion")
+
+    @app.exception_handler(HTTPException)
+    async def not_here(request: Request, exc: HTTPException) -> Response:
+        """The router's 404 and 405, in the OpenAI error shape with one line naming the request."""
+        method, path = loggable(request.method), loggable(request.scope["path"])
+        if exc.status_code == 405 and path in ROUTES:
+            return error_response(RequestError(405, f"method {method} not allowed on {path} (use "
+                                               f"{ROUTES[path]})", headers={"Allow": ROUTES[path]}))
+        if exc.status_code == 404:
+            endpoints = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
+            return error_response(RequestError(404, f"no such endpoint: {method} {path} (this server has "
+                                               f"{endpoints})", "not_found_error"))
+        return error_response(RequestError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
 
     return Access(app, server)
 
@@ -207,7 +205,3 @@ def build_app(server: RainServer) -> Any:
 def _authorized(scope: dict, key: str) -> bool:
     given = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
     return hmac.compare_digest(given, f"Bearer {key}".encode())
-
-
-def _reason(err: RequestError) -> str:
-    return {401: "auth", 413: "too_large", 429: "queue_full", 408: "slow_client"}.get(err.status, "invalid")
