@@ -99,16 +99,18 @@ def raw(srv: RainServer, method: str, path: str, data: bytes | None = None, head
     return status, parsed, fields
 
 
-def raw_bytes(srv: RainServer, method: str, path: str, data: bytes | None = None, headers: dict | None = None,
-              length: str | None = "auto") -> tuple[int, bytes, dict]:
-    """As `raw`, the body as bytes (a stream's events, a body that is not JSON)."""
+def raw_bytes(srv: RainServer | tuple[str, int], method: str, path: str, data: bytes | None = None,
+              headers: dict | None = None, length: str | None = "auto") -> tuple[int, bytes, dict]:
+    """As `raw`, the body as bytes (a stream's events, a body that is not JSON); `srv` may be the
+    (host, port) of a server in another process."""
+    address = srv if isinstance(srv, tuple) else srv.address
     head = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close", "Content-Type: application/json"]
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if length == "auto" and data is not None:
         head.append(f"Content-Length: {len(data)}")
     elif length not in (None, "auto"):
         head.append(f"Content-Length: {length}")
-    with socket.create_connection(srv.address, timeout=WAIT) as conn:
+    with socket.create_connection(address, timeout=WAIT) as conn:
         conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + (data or b""))
         reply = b""
         while chunk := conn.recv(65536):

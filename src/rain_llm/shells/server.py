@@ -96,8 +96,9 @@ class RainServer:
         self.api_key = api_key or None
         self.log = log
         self._log_lock = threading.Lock()
+        self.answer_log_path = Path(answer_log) if answer_log is not None else None
         try:
-            self.answer_log = open(answer_log, "a", encoding="utf-8") if answer_log is not None else None  # noqa: SIM115
+            self.answer_log = self.answer_log_path.open("a", encoding="utf-8") if self.answer_log_path else None
         except OSError as err:
             raise RainError(f"cannot write the answer log {answer_log}: {err.strerror or err}") from None
         self.metrics = Metrics()
