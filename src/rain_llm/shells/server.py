@@ -1,4 +1,5 @@
-"""`rain serve`: an OpenAI-compatible HTTP server that answers with RAIN, fit for a public port.
+"""`rain serve`: an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) that
+answers with RAIN, fit for a public port and for the evaluation clients researchers use.
 
     rain serve --port 8000 --api-key-env RAIN_API_KEY     # the bundled model, paper-hh settings
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=os.environ["RAIN_API_KEY"])
@@ -31,7 +32,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import Request
@@ -43,6 +44,9 @@ from rain_llm.errors import RainError
 from rain_llm.shells.app import HeaderTimeoutH11, Metrics, build_app, error_response
 from rain_llm.shells.protocol import Limits, RequestError, chunk, parse_chat, parse_completion, response_body
 from rain_llm.shells.worker import Pending, Worker
+
+if TYPE_CHECKING:
+    from rain_llm.api import Rain
 
 __all__ = ["RainServer", "Limits", "check_port", "api_key_from"]
 
@@ -72,10 +76,10 @@ class RainServer:
     (loaded), or `loader` to load it in the worker while /health says "loading". `answer_log`: a
     file that gets one JSON line per answer (id, method, finish reason, prompt, text)."""
 
-    def __init__(self, rain: Any, config: RainConfig, *, host: str = "127.0.0.1", port: int = 8000,
+    def __init__(self, rain: Rain | None, config: RainConfig, *, host: str = "127.0.0.1", port: int = 8000,
                  model_name: str | None = None, max_batch: int = 16, batch_window: float = 0.05,
                  limits: Limits | None = None, api_key: str | None = None, grace: float = 30.0,
-                 loader: Callable[[], Any] | None = None, log: IO[str] = sys.stderr,
+                 loader: Callable[[], Rain] | None = None, log: IO[str] = sys.stderr,
                  answer_log: str | Path | None = None):
         if max_batch < 1:
             raise RainError(f"invalid max_batch {max_batch}: must be at least 1")
