@@ -138,7 +138,7 @@ class QueueWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            self.peak = max(self.peak, self.srv.worker.waiting.qsize())
+            self.peak = max(self.peak, len(self.srv.worker.waiting))
             self.done.wait(0.005)
 
     def stop(self) -> int:
@@ -481,7 +481,7 @@ def connection_burst(rain: Rain, cfg, n: int, max_queue: int, max_batch: int, ti
         connect_s = start - connect_start
         deadline = time.monotonic() + min(timeout, 120)  # queued or refused, all of them, or this long
         while time.monotonic() < deadline:
-            settled = srv.worker.waiting.qsize() + sum(r is not None for r in results)
+            settled = len(srv.worker.waiting) + sum(r is not None for r in results)
             if settled >= n:
                 break
             time.sleep(0.02)
@@ -572,7 +572,7 @@ def part_streams(rain: Rain, cfg, n: int, rounds: int, next_req: Req, alone: dic
             unfinished += late
             ids |= {x["id"] for x in got if isinstance(x, dict) and x.get("id")}
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and (srv.worker.in_flight or not srv.worker.waiting.empty()):
+            while time.monotonic() < deadline and (srv.worker.in_flight or len(srv.worker.waiting)):
                 time.sleep(0.05)
             walls.append(round(wall, 3))
             settles.append(round(time.perf_counter() - left_at, 3))  # until nothing is in flight or waiting

@@ -31,12 +31,8 @@ def check(recorded: dict, now: dict) -> None:
             assert got["iterations_per_step"] == want["iterations_per_step"], f"{name}[{i}]"
 
 
-def test_tiny_model_answers_equal_the_recorded_ones(golden, tokenizer, default_model_dir):
-    from conftest import tiny_model
-    from rain_llm import Rain
-    from rain_llm.values.embedder import MiniLMEmbedder
-
-    tiny = Rain(tiny_model("llama", len(tokenizer)), tokenizer, embedder=MiniLMEmbedder.load(), name="tiny")
+def test_tiny_model_answers_equal_the_recorded_ones(golden, tiny_rain, default_model_dir):
+    tiny = tiny_rain
     cases = tiny_cases()
     cases["judge"] = {"prompts": PROMPTS[:2], "config": {"max_new_tokens": 8, "t_max": 3, "max_rollout_tokens": 6,
                                                          "value": f"judge:{default_model_dir}", "value_mode": "mean"},
@@ -46,9 +42,7 @@ def test_tiny_model_answers_equal_the_recorded_ones(golden, tokenizer, default_m
 
 
 @pytest.mark.slow
-def test_default_model_answers_equal_the_recorded_ones(golden, default_model_dir):
+def test_default_model_answers_equal_the_recorded_ones(golden, default_rain):
     from record_answers import default_cases
 
-    from rain_llm import Rain
-
-    check(golden["default"], run(Rain.load(), default_cases()))
+    check(golden["default"], run(default_rain, default_cases()))

@@ -186,14 +186,6 @@ def test_parse_option():
 
 # ---------------------------------------------------------------------------------------------- local backend
 
-@pytest.fixture(scope="module")
-def tiny_rain(tokenizer):
-    from conftest import tiny_model
-    from rain_llm import Rain
-
-    return Rain(tiny_model("llama", len(tokenizer)), tokenizer, name="tiny")
-
-
 def local_judge(rain, **kw):
     return LocalJudgeBackend(rain.backend.scope(), rain.codec, rain.tokenizer, **kw)
 

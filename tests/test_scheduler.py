@@ -73,6 +73,9 @@ class FakeBackend:
     def refusal(self, cfg: Any) -> str | None:
         return None
 
+    def decoded(self, request: Any) -> list[int] | None:
+        return None
+
     def health(self) -> str | None:
         return None
 

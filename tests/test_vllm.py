@@ -348,8 +348,8 @@ def test_a_request_the_server_refuses_mid_search_fails_that_answer_alone(vrain):
     batch.add("good", PROMPTS[0], config)
     batch.add("bad", PROMPTS[1], config, value_fn=RejectedLater(vrain))
     out = {}
-    for finished in batch.drain([], max_in_flight=2):
-        out.update(finished)
+    for step in batch.drain([], max_in_flight=2):
+        out.update(step.finished)
     failure = out["bad"]
     assert isinstance(failure, Failure) and failure.status == 400, failure
     assert "--max-model-len" in failure.message and "\n" not in failure.message

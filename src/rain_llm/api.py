@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rain_llm.config import RainConfig
@@ -238,6 +239,15 @@ class Rain:
         return out
 
 
+@dataclass
+class Round:
+    """What one step of `ContinuousBatch.drain` did: the answers that joined before it (`started`)
+    and those that ended (`finished`: a `Generation`, or the `Failure` of that answer alone)."""
+
+    started: list[Hashable]
+    finished: dict[Hashable, Finished]
+
+
 class ContinuousBatch:
     """Answers that join a running batch and leave it when done (continuous batching, what a
     server needs). `add` starts an answer, `step` runs one step of every answer in flight and
@@ -247,8 +257,8 @@ class ContinuousBatch:
     own share.
 
         batch = rain.continuous_batch()
-        for finished in batch.drain(((i, p, cfg) for i, p in enumerate(prompts)), max_in_flight=8):
-            for key, out in finished.items(): ...
+        for step in batch.drain(((i, p, cfg) for i, p in enumerate(prompts)), max_in_flight=8):
+            for key, out in step.finished.items(): ...
     One batch at a time per Rain: the answers share the model's cache.
     """
 
@@ -286,19 +296,20 @@ class ContinuousBatch:
         """One step of every answer in flight; the answers that ended."""
         return self.scheduler.step()
 
-    def drain(self, items: Iterable[Item | None], max_in_flight: int) -> Iterator[dict[Hashable, Finished]]:
+    def drain(self, items: Iterable[Item | None], max_in_flight: int) -> Iterator[Round]:
         """Answer `items` with at most `max_in_flight` in flight: whenever there is room, the next
-        items join (together, so their prompts are encoded in one forward); after every step, the
-        answers that ended in it (possibly none). An item that cannot start ends at once as its
-        `Failure`. An item of None means "nothing more for now" (a server's queue is empty): the
-        batch steps on with what it has. Ends when `items` is exhausted and nothing is in flight.
-        Between steps the caller may `stop`, `cancel` or read `partial_text` of any answer."""
+        items join (together, so their prompts are encoded in one forward); after every step, a
+        `Round`: the answers that joined before it and those that ended in it. An item that cannot
+        start ends at once as its `Failure` (and is not among those that joined). An item of None
+        means "nothing more for now" (a server's line is empty): the batch steps on with what it
+        has. Ends when `items` is exhausted and nothing is in flight. Between rounds the caller may
+        `stop`, `cancel` or read `partial_text` of any answer."""
         if max_in_flight < 1:
             raise RainError(f"invalid max_in_flight {max_in_flight}: at least 1")
         source = iter(items)
         exhausted = False
         while True:
-            failed: dict[Hashable, Finished] = {}
+            now = Round([], {})
             while not exhausted and len(self) < max_in_flight:
                 item = next(source, _END)
                 if item is _END:
@@ -306,22 +317,26 @@ class ContinuousBatch:
                 elif item is None:
                     break
                 else:
-                    self._start(item, failed)  # type: ignore[arg-type]
+                    self._start(item, now)  # type: ignore[arg-type]
             if not self and exhausted:
-                if failed:
-                    yield failed
+                if now.finished:
+                    yield now
                 return
-            yield failed | (self.step() if self else {})
+            if self:
+                now.finished |= self.step()
+            yield now
 
-    def _start(self, item: Item, failed: dict[Hashable, Finished]) -> None:
+    def _start(self, item: Item, now: Round) -> None:
         key = item.key if isinstance(item, Answer) else item[0]
         try:
             if isinstance(item, Answer):
                 self.add_answer(item)
             else:
                 self.add(*item)
-        except RainError as err:
-            failed[key] = Failure(key, err)
+        except Exception as err:  # noqa: BLE001 - this item fails alone (a bad setting, or a bug: status 500)
+            now.finished[key] = Failure(key, err)
+        else:
+            now.started.append(key)
 
     def stop(self, key: Hashable) -> Finished | None:
         """End an answer now (a deadline) with what it committed so far; None if it is not here."""
@@ -332,11 +347,12 @@ class ContinuousBatch:
         self.scheduler.cancel(key)
 
     def partial_text(self, key: Hashable) -> str | None:
-        """The text a live RAIN answer has committed so far, held back where it may still change
-        (an unfinished character; a transcript's possible start of a new turn). RAIN never revises
-        a commit, so the final text starts with it. None for answers not searching now."""
+        """The text a live answer has committed so far, held back where it may still change (an
+        unfinished character; a transcript's possible start of a new turn). RAIN never revises a
+        commit and greedy decoding keeps its tokens, so the final text starts with it. None for
+        answers that commit nothing before they end (best-of-n) or are not here."""
         job = self.scheduler.jobs.get(key)
-        if not isinstance(job, Answer) or job.search is None:
+        if not isinstance(job, Answer) or (job.search is None and job.method != "vanilla"):
             return None
         text = job.setup.text(job.committed())
         if not job.setup.fmt.chat:

@@ -381,8 +381,8 @@ def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainCo
             else:
                 yield rain.answer(str(ex.id), task_prompt(task, ex), cfg, **best_of_n(ex))
 
-    for finished in rain.continuous_batch().drain(joining(), batch):
-        for key, gen in finished.items():
+    for step in rain.continuous_batch().drain(joining(), batch):
+        for key, gen in step.finished.items():
             yield by_key.pop(str(key)), gen
 
 

@@ -119,11 +119,14 @@ class Answer:
         self.compute = Compute()
         self.env: RainEnv | None = None
         self.search: RainSearch | None = None
+        self.decoding: SampleRows | None = None  # a vanilla answer's one request
         self.steps: Steps
         if setup.best_of_n is not None:
             self.method, self.steps = "best-of-n", best_of_n_steps(setup, setup.best_of_n, self.compute)
         elif setup.cfg.method == "vanilla":
-            self.method, self.steps = "vanilla", vanilla_steps(setup)
+            self.decoding = SampleRows(setup.key, "generate", setup.context,
+                                       [Row(setup.cfg.max_new_tokens, 1.0, 0, greedy=True)])
+            self.method, self.steps = "vanilla", vanilla_steps(setup, self.decoding)
         else:
             self.env = RainEnv(setup, self.compute, setup.progress)
             self.search = RainSearch(self.env, setup.cfg, trace=setup.trace)
@@ -153,13 +156,18 @@ class Answer:
         self.share += seconds / in_flight
 
     def committed(self) -> list[int]:
-        """The tokens committed so far (a RAIN search never revises them)."""
-        return list(self.search.answer) if self.search is not None else []
+        """The tokens committed so far: a RAIN search never revises them, and greedy decoding
+        (vanilla) keeps every token it decodes (as far as its backend tells: `partial`)."""
+        if self.search is not None:
+            return list(self.search.answer)
+        if self.method == "vanilla" and self.decoding is not None:
+            return self.setup.policy.decoded(self.decoding) or []
+        return []
 
     def stop(self) -> Generation:
         """What the answer is if it ends now: the committed tokens and the search so far."""
-        if self.search is None:
-            return self.finish(Outcome([], self.method))
+        if self.search is None:  # vanilla: what it decoded; best-of-n: nothing before it finishes
+            return self.finish(Outcome(self.committed(), self.method))
         result = SearchResult(tuple(self.search.answer), self.search.stats, [])
         return self.finish(Outcome(self.committed(), self.method, result,
                                    self.env.value_cache_hits if self.env else 0))
@@ -182,10 +190,10 @@ class Answer:
 
 
 # ---------------------------------------------------------------------------------------------- answers
-def vanilla_steps(setup: Setup) -> Steps:
-    """Greedy decoding of the whole answer."""
-    row = Row(setup.cfg.max_new_tokens, 1.0, 0, greedy=True)
-    (samples,) = yield [(setup.policy, SampleRows(setup.key, "generate", setup.context, [row]))]
+def vanilla_steps(setup: Setup, request: SampleRows) -> Steps:
+    """Greedy decoding of the whole answer: `request` (made by the answer, which reads its tokens so
+    far from the backend while it runs)."""
+    (samples,) = yield [(setup.policy, request)]
     return Outcome(samples[0].tokens, "vanilla")
 
 

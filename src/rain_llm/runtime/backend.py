@@ -211,6 +211,11 @@ class Backend(Protocol):
         """Drop requests that run no longer (their answer left): no completion comes for them."""
         ...
 
+    def decoded(self, request: SampleRows) -> list[int] | None:
+        """The tokens a running request's first row has decoded so far, where the engine can tell
+        (streaming a vanilla answer); None where it cannot."""
+        ...
+
     def refusal(self, cfg: RainConfig) -> str | None:
         """Why this engine would refuse an answer with these settings (one line naming the setting
         and what would allow it), or None: checked before an answer starts."""

@@ -196,8 +196,8 @@ class Scheduler(Generic[T]):
         return out
 
     def stop(self, key: Hashable) -> T | Failure | None:
-        """End a job now with what it has (a RAIN answer: what it committed; it never revises a
-        commit); None if it is not here."""
+        """End a job now with what it has (a RAIN answer: what it committed, which it never revises;
+        vanilla: what it decoded; best-of-n: nothing before it finishes); None if it is not here."""
         job = self.jobs.get(key)
         if job is None:
             return self.done.pop(key, None)

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,10 +32,13 @@ from rain_llm.config import RainConfig
 from rain_llm.evaluation.data import default_data_dir
 from rain_llm.runtime.accounting import Compute
 
+if TYPE_CHECKING:
+    from rain_llm.engine.vllm import VLLMBackend
+
 FALLBACK_PROMPTS = ["How do I pick a lock?", "What is the best way to learn a new language?",
                     "Write a short poem about the sea.", "How can I get back at my noisy neighbour?"]
 
-RANDOM_SHAPES = {
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -94,8 +97,9 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
         runner = engines.get(kw.pop("engine", ""), rain)
         print(f"[{name}] warm-up", file=log, flush=True)
         runner.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
-    remote = {e: {"engine": r.backend.name, "servers": r.backend.servers, "http_overhead_s": r.backend.ping()}
-              for e, r in engines.items() if hasattr(r.backend, "ping")}  # measured once, after the warm-ups
+    remote: dict[str, dict[str, Any]] = {e: {"engine": b.name, "servers": b.servers, "http_overhead_s": b.ping()}
+                                         for e, r in engines.items() if (b := _remote(r)) is not None}
+    # (the HTTP overhead, measured once, after the warm-ups)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for name, kw in methods.items():
         kw = dict(kw)
@@ -109,7 +113,7 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
             continue
         for i, prompt in enumerate(prompts):
             _sync()
-            calls = getattr(runner.backend, "http_requests", None)
+            calls = _http_requests(runner)
             start = time.perf_counter()
             (out,) = runner.generate_many([prompt], cfg, **kw)
             _sync()
@@ -119,15 +123,27 @@ def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str
             runs[name][-1]["final_values"] = [final_value(runner, cfg, prompt, out.text)]  # after counting
             print(f"[{name}] prompt {i + 1} of {len(prompts)}: {len(out.token_ids):4d} tokens "
                   f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
-    overhead = {m: remote[kw["engine"]]["http_overhead_s"] for m, kw in methods.items() if kw.get("engine") in remote}
+    overhead = {m: float(remote[kw["engine"]]["http_overhead_s"]) for m, kw in methods.items()
+                if kw.get("engine") in remote}
     return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()}, overhead),
             "engines": remote}
 
 
+def _remote(rain: Rain) -> VLLMBackend | None:
+    from rain_llm.engine.vllm import VLLMBackend
+
+    return rain.backend if isinstance(rain.backend, VLLMBackend) else None
+
+
+def _http_requests(rain: Rain) -> int | None:
+    backend = _remote(rain)
+    return backend.http_requests if backend is not None else None
+
+
 def _count_requests(record: dict[str, Any], rain: Rain, before: int | None) -> dict[str, Any]:
     """A remote backend's HTTP requests during the run, into its record."""
-    if before is not None:
-        record["http_requests"] = rain.backend.http_requests - before
+    if before is not None and (calls := _http_requests(rain)) is not None:
+        record["http_requests"] = calls - before
     return record
 
 
@@ -136,14 +152,14 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, 
     """All prompts through one continuous batch, `batch` in flight; one record for the whole run
     (compute: the answers' work merged, each forward pass counted once)."""
     outs: dict[Hashable, Generation] = {}
-    calls = getattr(rain.backend, "http_requests", None)
+    calls = _http_requests(rain)
     _sync()
     start = time.perf_counter()
-    for finished in rain.continuous_batch().drain(((i, p, cfg) for i, p in enumerate(prompts)), batch):
-        for key, out in finished.items():
-            outs[key] = raise_failure(out)
+    for step in rain.continuous_batch().drain(((i, p, cfg) for i, p in enumerate(prompts)), batch):
+        for key, out in step.finished.items():
+            outs[key] = done = raise_failure(out)
             if log is not None:
-                print(f"[{name}] answer {len(outs)} of {len(prompts)} done: {len(out.token_ids):4d} tokens "
+                print(f"[{name}] answer {len(outs)} of {len(prompts)} done: {len(done.token_ids):4d} tokens "
                       f"{time.perf_counter() - start:8.2f}s", file=log, flush=True)
     _sync()
     seconds = time.perf_counter() - start

@@ -179,7 +179,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_model_flags(bench, preset="paper-hh")
     _add_config_flags(bench)
 
-    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions) answering with RAIN")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) "
+                         "answering with RAIN")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     srv.add_argument("--served-name", default=None, help="the model name clients send (default: --model, or "
@@ -192,6 +193,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                      "other users in the process list: prefer --api-key-env)")
     srv.add_argument("--api-key-env", default=None, metavar="VAR", help="take the API key from this environment "
                      "variable (default: RAIN_API_KEY when it is set; else no key is asked for)")
+    srv.add_argument("--answer-log", default=None, metavar="FILE", help="append one JSON line per answer to FILE "
+                     "(id, method, finish reason, prompt, text): what the server answered, e.g. to check an "
+                     "evaluation run")
     limits = srv.add_argument_group("limits (per request, and the server's)")
     defaults = Limits()
     for name, kind, text in [
@@ -470,7 +474,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)  # a busy port is reported before a large model loads, not after
     server = RainServer(None, cfg, host=args.host, port=args.port, model_name=args.served_name or args.model or
                         "default", max_batch=args.max_batch, batch_window=args.batch_window, limits=limits,
-                        api_key=key, grace=args.grace, loader=lambda: load_rain(args))
+                        api_key=key, grace=args.grace, loader=lambda: load_rain(args), answer_log=args.answer_log)
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"rain: warning: listening on {args.host} without an API key (--api-key-env)", file=sys.stderr)
 
@@ -479,9 +483,9 @@ def run_serve_command(args: argparse.Namespace) -> int:
               "says when it is ready", file=sys.stderr, flush=True)
 
     def ready() -> None:
-        print(f"rain: serving {server.model_name!r} at {server.url} (POST /chat/completions; up to {args.max_batch} "
-              f"requests at once, {limits.max_queue} waiting; /health, /metrics; Ctrl-C stops)", file=sys.stderr,
-              flush=True)
+        print(f"rain: serving {server.model_name!r} at {server.url} (POST /chat/completions, /completions; up to "
+              f"{args.max_batch} requests at once, {limits.max_queue} waiting; /health, /metrics; Ctrl-C stops)",
+              file=sys.stderr, flush=True)
 
     server.serve_forever(on_listening=listening, on_ready=ready)
     if server.failed:

@@ -1,4 +1,5 @@
-"""`rain serve`: an OpenAI-compatible HTTP server that answers with RAIN, fit for a public port.
+"""`rain serve`: an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) that
+answers with RAIN, fit for a public port and for the evaluation clients researchers use.
 
     rain serve --port 8000 --api-key-env RAIN_API_KEY     # the bundled model, paper-hh settings
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=os.environ["RAIN_API_KEY"])
@@ -13,413 +14,80 @@ batched across the requests in flight and nobody waits for another's answer. Wor
 caps per request, a bounded queue (429 with Retry-After beyond it), a deadline per request (then
 the best committed answer, finish_reason "timeout"), body size and read timeouts. /health says
 when the model is ready, /metrics speaks Prometheus, each request gets one access-log line.
+
+Here: the server's lifecycle and a request's way in and out; `app.py`: the HTTP routes and
+middleware; `worker.py`: the model worker; `protocol.py`: request checks and response shapes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import math
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
-import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import EventSourceResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rain_llm.config import RainConfig
 from rain_llm.errors import RainError
-from rain_llm.runtime.scheduler import Failure
-from rain_llm.shells.protocol import ChatJob, Limits, RequestError, chat_response, chunk, parse_chat
+from rain_llm.shells.app import HeaderTimeoutH11, Metrics, build_app, error_response
+from rain_llm.shells.protocol import Limits, RequestError, chunk, parse_chat, parse_completion, response_body
+from rain_llm.shells.worker import Pending, Worker
+
+if TYPE_CHECKING:
+    from rain_llm.api import Rain
 
 __all__ = ["RainServer", "Limits", "check_port", "api_key_from"]
 
 
-# ---------------------------------------------------------------------------------------------- the worker
-@dataclass(eq=False)  # hashed by identity: a pending request is its own key in the batch
-class Pending:
-    """A request handed to the worker: its checked job, its prepared answer, and where its events go
-    (("start",), ("delta", text), ("done", generation, finish reason), ("error", RequestError)):
-    `emit` puts them, from any thread, on `events`, read by the request's handler."""
-
-    job: ChatJob
-    emit: Callable[[tuple], None]
-    events: asyncio.Queue
-    deadline: float
-    answer: Any = None
-    cancelled: bool = False
-    sent: str = ""  # streamed text so far
-
-    def send(self, text: str | None) -> None:
-        """Stream what `text` adds to what was sent (nothing if it does not extend it)."""
-        if self.job.stream and text is not None and text.startswith(self.sent) and len(text) > len(self.sent):
-            self.emit(("delta", text[len(self.sent):]))
-            self.sent = text
+SHUTDOWN_MARGIN = 10.0  # seconds uvicorn waits past --grace: the 503s of answers given up go out first
+PARSERS = {"chat": parse_chat, "completion": parse_completion}
 
 
-class Metrics:
-    """Prometheus metrics of one server (its own registry)."""
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling the RAIN server when shutdown starts (SIGTERM, Ctrl-C, `close`):
+    answers get the grace period from then and a clean 503 after it, before uvicorn would cancel
+    their handlers."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("rain_http_requests", "HTTP requests answered, by route and status",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("rain_request_seconds", "Time to answer a chat request (until its last byte)",
-                                 buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200), registry=r)
-        self.queued = Gauge("rain_queue_length", "Requests waiting for a place in the batch", registry=r)
-        self.in_flight = Gauge("rain_answers_in_flight", "Answers in the running batch", registry=r)
-        self.answers = Counter("rain_answers", "Answers finished, by method and how they ended",
-                               ["method", "finish"], registry=r)
-        self.answer_tokens = Counter("rain_answer_tokens", "Tokens of finished answers", registry=r)
-        self.processed_tokens = Counter("rain_processed_tokens", "Token positions the models ran for answers",
-                                        registry=r)
-        self.forward_passes = Counter("rain_forward_passes", "Forward passes answers took part in", registry=r)
-        self.rejected = Counter("rain_rejected", "Requests refused before running, by reason", ["reason"], registry=r)
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]):
+        super().__init__(config)
+        self.on_shutdown = on_shutdown
 
-
-class Worker(threading.Thread):
-    """Owns the model: runs a continuous batch that waiting answers join between rounds. When
-    idle, the first request waits `batch_window` for others to start with it. `hold()` keeps
-    waiting requests out of the batch until `release()` (admission paused: a drain, a test)."""
-
-    def __init__(self, server: RainServer):
-        super().__init__(name="rain-worker", daemon=True)
-        self.server = server
-        self.waiting: queue.Queue[Pending] = queue.Queue()
-        self.in_flight: set[Pending] = set()
-        self.stopping = threading.Event()
-        self.wake = threading.Event()
-        self.admitting = threading.Event()
-        self.admitting.set()
-
-    def hold(self) -> None:
-        self.admitting.clear()
-
-    def release(self) -> None:
-        self.admitting.set()
-        self.wake.set()
-
-    def submit(self, pending: Pending) -> None:
-        self.waiting.put(pending)
-        self.server.metrics.queued.set(self.waiting.qsize())
-        self.wake.set()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.wake.set()
-
-    def run(self) -> None:
-        server = self.server
-        try:
-            if server.rain is None:
-                server.rain = server.loader()
-            server.ready.set()
-        except Exception as err:  # the model could not load: say why on /health and in the log
-            server.failed = f"{type(err).__name__}: {err}" if not isinstance(err, RainError) else str(err)
-            print(f"rain: error: {server.failed}", file=server.log, flush=True)
-            server.ready.set()
-            return
-        batch = server.rain.continuous_batch()
-        while not (self.stopping.is_set() and not batch):
-            if self.admitting.is_set():
-                if not batch and not self.waiting.empty() and server.batch_window:
-                    time.sleep(server.batch_window)  # idle: let others start with the first request
-                self._join(batch)
-            if not batch:
-                self.wake.wait(0.5)
-                self.wake.clear()
-                continue
-            try:
-                finished = batch.step()
-            except Exception as err:  # a bug: its requests get one line, the server log the traceback
-                traceback.print_exc(file=server.log)
-                for pending in self.in_flight:
-                    pending.emit(("error", RequestError(500, f"internal error: {type(err).__name__}: {err}",
-                                                        "server_error")))
-                self.in_flight.clear()
-                batch = server.rain.continuous_batch()
-                continue
-            for pending, generation in finished.items():
-                self._finish(pending, generation, None)
-            now = time.monotonic()
-            for pending in list(self.in_flight):
-                if pending.cancelled:  # its client went away: stop computing
-                    batch.cancel(pending)
-                    self.in_flight.discard(pending)
-                    print(f"rain: {pending.job.id} cancelled: the client went away", file=server.log, flush=True)
-                elif now >= pending.deadline:  # the deadline: the best committed answer, as it stands
-                    self._finish(pending, batch.stop(pending), "timeout")
-                elif pending.job.stream:
-                    pending.send(batch.partial_text(pending))
-            server.metrics.in_flight.set(len(self.in_flight))
-        for pending in self._drain():
-            pending.emit(("error", RequestError(503, "the server is shutting down", "server_error")))
-
-    def _join(self, batch: Any) -> None:
-        """Waiting answers join, up to max_batch in flight; each is checked alone, so a bad one
-        fails by itself."""
-        server = self.server
-        room = server.max_batch - len(self.in_flight)
-        while room > 0:
-            try:
-                pending = self.waiting.get_nowait()
-            except queue.Empty:
-                break
-            if pending.cancelled:
-                continue
-            try:
-                batch.add_answer(pending.answer)
-            except RainError as err:
-                pending.emit(("error", RequestError(400, str(err))))
-                continue
-            except Exception as err:  # a bug: this request fails, the server goes on
-                traceback.print_exc(file=server.log)
-                pending.emit(("error", RequestError(500, f"internal error: {type(err).__name__}: {err}",
-                                                    "server_error")))
-                continue
-            self.in_flight.add(pending)
-            pending.emit(("start",))
-            room -= 1
-        server.metrics.queued.set(self.waiting.qsize())
-        server.metrics.in_flight.set(len(self.in_flight))
-
-    def _finish(self, pending: Pending, generation: Any, reason: str | None) -> None:
-        self.in_flight.discard(pending)
-        if generation is None:
-            return
-        if isinstance(generation, Failure):  # this answer failed alone: its client gets why
-            print(f"rain: {pending.job.id} failed: {generation.message}", file=self.server.log, flush=True)
-            kind = "invalid_request_error" if generation.status < 500 else "server_error"
-            pending.emit(("error", RequestError(generation.status, generation.message, kind)))
-            return
-        server = self.server
-        finish = reason or _finish_reason(generation, pending.job, server.rain.codec.stop_ids)
-        compute = generation.stats.compute.total()
-        server.metrics.answers.labels(generation.method, finish).inc()
-        server.metrics.answer_tokens.inc(len(generation.token_ids))
-        server.metrics.processed_tokens.inc(compute.tokens)
-        server.metrics.forward_passes.inc(compute.forward_passes)
-        print(f"rain: {pending.job.id} answered ({generation.method}, {len(generation.token_ids)} tokens, "
-              f"{generation.stats.seconds:.2f} s, alongside up to {generation.stats.batch - 1} others"
-              f"{', stopped at its deadline' if reason == 'timeout' else ''})", file=server.log, flush=True)
-        pending.send(generation.text)
-        pending.emit(("done", generation, finish))
-
-    def _drain(self) -> list[Pending]:
-        out = []
-        while True:
-            try:
-                out.append(self.waiting.get_nowait())
-            except queue.Empty:
-                return out
-
-
-def _finish_reason(generation: Any, job: ChatJob, stop_ids: frozenset[int]) -> str:
-    from rain_llm.shells.protocol import finish_reason
-
-    return finish_reason(generation.token_ids, stop_ids, job.cfg.max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------- HTTP
-class _HeaderTimeoutH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, with a deadline for a request's headers: a client that opens
-    a connection and sends no complete request head in time is disconnected (uvicorn alone
-    waits for ever)."""
-
-    header_timeout = 10.0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._arm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
-
-    def _disarm(self) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_too_slow(self) -> None:
-        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
-            self.transport.close()
-
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before:  # a request head arrived
-            self._disarm()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-
-def _error(err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-class Access:
-    """Every request (pure ASGI, so client disconnects still reach the handlers): an id in
-    X-Request-Id (a chat request's is its completion id), the API key on /v1 routes, one
-    access-log line when the response is complete (streams included), metrics by route and status."""
-
-    ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
-
-    def __init__(self, app: Any, server: RainServer):
-        self.app, self.server = app, server
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        server, start = self.server, time.monotonic()
-        state = scope.setdefault("state", {})
-        state["id"] = f"req-{uuid.uuid4().hex[:16]}"
-        path = scope["path"].rstrip("/") or "/"
-        status = {"code": 500, "started": False}
-
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status.update(code=message["status"], started=True)
-                rid = state.get("job_id", state["id"]).encode()
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
-            await send(message)
-
-        try:
-            if path.startswith("/v1") and server.api_key is not None and not _authorized(scope, server.api_key):
-                await _error(RequestError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
-                                          "authentication_error"))(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
-        except Exception as err:  # a bug: one line for the client, the traceback in the log
-            traceback.print_exc(file=server.log)
-            if not status["started"]:
-                await _error(RequestError(500, f"internal error: {type(err).__name__}: {err}",
-                                          "server_error"))(scope, receive, send_with_id)
-        finally:
-            route = path if path in self.ROUTES else "other"
-            server.metrics.requests.labels(route, str(status["code"])).inc()
-            client = scope.get("client")
-            where = f"{client[0]}:{client[1]}" if client else "-"
-            print(f"rain: {state.get('job_id', state['id'])} {where} \"{scope['method']} {scope['path']}\" "
-                  f"{status['code']} {time.monotonic() - start:.3f}s", file=server.log, flush=True)
-
-
-def build_app(server: RainServer) -> Any:
-    app = FastAPI(title="rain serve", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.get("/health")
-    async def health() -> Response:
-        if server.failed:
-            return JSONResponse({"status": "failed", "error": server.failed}, status_code=503)
-        if not server.ready.is_set() or server.rain is None:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
-        if server.shutting_down:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": server.model_name})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
-                                                         "owned_by": "rain-llm"}]})
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        try:
-            pending = await server.accept(request)
-        except RequestError as err:
-            server.metrics.rejected.labels(_reason(err)).inc()
-            return _error(err)
-        request.state.job_id = pending.job.id
-        events = pending.events
-        if pending.job.stream:
-            first = await events.get()
-            if first[0] == "error":  # refused before it started: a plain error reply
-                return _error(first[1])
-            return EventSourceResponse(server.stream(pending, first), headers={"Cache-Control": "no-cache"})
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), 0.25)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        pending.cancelled = True
-                        return Response(status_code=499)
-                    continue
-                if event[0] == "error":
-                    return _error(event[1])
-                if event[0] == "done":
-                    body = chat_response(pending.job, event[1], server.model_name, server.rain.codec.stop_ids)
-                    body["choices"][0]["finish_reason"] = event[2]
-                    server.metrics.latency.observe(time.monotonic() - pending.job.arrived)
-                    return JSONResponse(body)
-        except asyncio.CancelledError:  # the server is shutting down, or the client left
-            pending.cancelled = True
-            raise
-
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def elsewhere(request: Request, path: str) -> Response:
-        known = {"/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET", "/metrics": "GET"}
-        route = "/" + path.rstrip("/")
-        if route in known:
-            return _error(RequestError(405, f"method {request.method} not allowed on {route} (use {known[route]})",
-                                       headers={"Allow": known[route]}))
-        return _error(RequestError(404, f"no such endpoint: {request.method} {route} (this server has "
-                                   "/v1/chat/completions, /v1/models, /health, /metrics)", "not_found_error"))
-
-    return Access(app, server)
-
-
-def _authorized(scope: dict, key: str) -> bool:
-    given = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
-    return hmac.compare_digest(given, f"Bearer {key}".encode())
-
-
-def _reason(err: RequestError) -> str:
-    return {401: "auth", 413: "too_large", 429: "queue_full", 408: "slow_client"}.get(err.status, "invalid")
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.on_shutdown()
+        await super().shutdown(sockets)
 
 
 class RainServer:
     """The HTTP server and its model worker. `start()` serves in background threads (tests,
     benchmarks); `serve_forever()` in this one, until SIGINT/SIGTERM (graceful: no new requests,
-    in-flight ones get `grace` seconds to finish); `close()` stops both. Give `rain` (loaded), or
-    `loader` to load it in the worker while /health says "loading"."""
+    answers in flight get `grace` seconds to finish, then 503); `close()` stops both. Give `rain`
+    (loaded), or `loader` to load it in the worker while /health says "loading". `answer_log`: a
+    file that gets one JSON line per answer (id, method, finish reason, prompt, text). `worker`: the
+    model worker's class (a subclass may pause admission)."""
 
-    def __init__(self, rain: Any, config: RainConfig, *, host: str = "127.0.0.1", port: int = 8000,
+    def __init__(self, rain: Rain | None, config: RainConfig, *, host: str = "127.0.0.1", port: int = 8000,
                  model_name: str | None = None, max_batch: int = 16, batch_window: float = 0.05,
                  limits: Limits | None = None, api_key: str | None = None, grace: float = 30.0,
-                 loader: Callable[[], Any] | None = None, log: Any = sys.stderr):
+                 loader: Callable[[], Rain] | None = None, log: IO[str] = sys.stderr,
+                 answer_log: str | Path | None = None, worker: type[Worker] = Worker):
         if max_batch < 1:
             raise RainError(f"invalid max_batch {max_batch}: must be at least 1")
         if batch_window < 0 or not math.isfinite(batch_window):
             raise RainError(f"invalid batch_window {batch_window}: must be a non-negative number")
+        if grace < 0 or not math.isfinite(grace):
+            raise RainError(f"invalid grace {grace}: must be a non-negative number")
         if rain is None and loader is None:
             raise RainError("RainServer needs a loaded Rain or a loader")
         self.rain, self.loader = rain, loader
@@ -429,19 +97,26 @@ class RainServer:
                    if cap and not getattr(config, name)}
         self.config = config.replace(**budgets) if budgets else config.validate()  # the caps are the defaults
         self.model_name = model_name or (rain.name if rain is not None else "default")
-        self.max_batch, self.batch_window = max_batch, batch_window
+        self.max_batch, self.batch_window, self.grace = max_batch, batch_window, grace
         self.api_key = api_key or None
         self.log = log
+        self._log_lock = threading.Lock()
+        self.answer_log_path = Path(answer_log) if answer_log is not None else None
+        try:
+            self.answer_log = self.answer_log_path.open("a", encoding="utf-8") if self.answer_log_path else None
+        except OSError as err:
+            raise RainError(f"cannot write the answer log {answer_log}: {err.strerror or err}") from None
         self.metrics = Metrics()
         self.ready = threading.Event()
         self.failed: str | None = None
         self.shutting_down = False
         self.preparing = 0  # requests past their checks, being tokenised (they count against --max-queue)
-        self.worker = Worker(self)
-        protocol = type("RainH11", (_HeaderTimeoutH11,), {"header_timeout": self.limits.header_timeout})
-        self.uvicorn = uvicorn.Server(uvicorn.Config(
+        self.worker = worker(self)
+        protocol = type("RainH11", (HeaderTimeoutH11,), {"header_timeout": self.limits.header_timeout})
+        self.uvicorn = _Uvicorn(uvicorn.Config(
             build_app(self), host=host, port=port, http=protocol, log_level="warning", access_log=False,
-            backlog=2048, timeout_keep_alive=5, timeout_graceful_shutdown=grace, lifespan="off"))
+            backlog=2048, timeout_keep_alive=5, timeout_graceful_shutdown=grace + SHUTDOWN_MARGIN,
+            lifespan="off"), self._begin_shutdown)
         self.host = host
         self._socket = _bind(host, port)
         self._thread: threading.Thread | None = None
@@ -469,8 +144,8 @@ class RainServer:
 
     def serve_forever(self, on_listening: Callable[[], None] | None = None,
                       on_ready: Callable[[], None] | None = None) -> None:
-        """Serve in this thread until SIGINT or SIGTERM: stop accepting, let in-flight requests
-        finish within the grace period, then stop the worker."""
+        """Serve in this thread until SIGINT or SIGTERM: stop accepting, let answers in flight
+        finish within the grace period (then 503), then stop the worker."""
         self.worker.start()
         if on_listening or on_ready:
             threading.Thread(target=self._announce, args=(on_listening, on_ready), daemon=True).start()
@@ -480,9 +155,7 @@ class RainServer:
         try:
             self.uvicorn.run(sockets=[self._socket])
         finally:
-            self.shutting_down = True
-            self.worker.stop()
-            self.worker.join(timeout=5)
+            self._stop_worker(5)
 
     def _announce(self, on_listening: Callable[[], None] | None, on_ready: Callable[[], None] | None) -> None:
         while not self.uvicorn.started:
@@ -493,14 +166,26 @@ class RainServer:
         if on_ready and not self.failed:
             on_ready()
 
-    def close(self) -> None:
+    def _begin_shutdown(self) -> None:
+        """No new requests from now; answers here get the grace period (the worker gives them up then)."""
         self.shutting_down = True
+        self.worker.give_up_at(time.monotonic() + self.grace)
+
+    def close(self) -> None:
+        """Shut down as on SIGTERM (answers get the grace period), and wait for it."""
         self.uvicorn.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=30)
-        self.worker.stop()
-        self.worker.join(timeout=30)
+            self._thread.join(timeout=self.grace + SHUTDOWN_MARGIN + 30)
+        self._stop_worker(30)
         self._socket.close()
+
+    def _stop_worker(self, timeout: float) -> None:
+        self.shutting_down = True
+        self.worker.stop()
+        if self.worker.is_alive():
+            self.worker.join(timeout=timeout)
+        if self.answer_log is not None:
+            self.answer_log.close()
 
     def __enter__(self) -> RainServer:
         return self.start()
@@ -508,27 +193,76 @@ class RainServer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ logs
+    def say(self, line: str) -> None:
+        """One line in the server log (from any thread)."""
+        with self._log_lock:
+            print(line, file=self.log, flush=True)
+
+    def record(self, answer: dict[str, Any]) -> None:
+        """One answer in the answer log, if there is one (a JSON line, ASCII)."""
+        if self.answer_log is not None:
+            with self._log_lock:
+                if not self.answer_log.closed:
+                    self.answer_log.write(json.dumps(answer, ensure_ascii=True) + "\n")
+                    self.answer_log.flush()
+
     # ------------------------------------------------------------------ requests
-    async def accept(self, request: Request) -> Pending:
-        """Check a chat request and hand it to the worker: body (size, read time, JSON), fields and
-        caps, room in the queue, then the prompt rendered and tokenised off the event loop."""
+    async def respond(self, request: Request, kind: str) -> Response:
+        """Answer one request to /v1/chat/completions ("chat") or /v1/completions ("completion"):
+        a JSON response, or a stream of server-sent events once the answer has joined the batch. A
+        client that leaves while its request waits or runs has it dropped at once (499)."""
+        try:
+            pending = await self.accept(request, kind)
+        except RequestError as err:
+            self.metrics.rejected.labels(_reason(err)).inc()
+            return error_response(err)
+        request.state.job_id = pending.job.id
+        left = asyncio.ensure_future(_client_left(request))
+        try:
+            while True:
+                event = await _next_event(pending.events, left)
+                if event is None:  # the client went away: out of the line, or cancelled at the next round
+                    if self.worker.withdraw(pending):
+                        self.say(f"rain: {pending.job.id} dropped: the client went away while it waited")
+                    else:
+                        pending.cancelled = True
+                    return Response(status_code=499)
+                if event[0] == "error":
+                    return error_response(event[1])
+                if pending.job.stream:  # it started: the stream watches for a client leaving itself
+                    left.cancel()
+                    return EventSourceResponse(self.stream(pending, event), headers={"Cache-Control": "no-cache"})
+                if event[0] == "done":
+                    _, generation, finish, text = event
+                    self.metrics.latency.observe(time.monotonic() - pending.job.arrived)
+                    return JSONResponse(response_body(pending.job, generation, text, finish, self.model_name))
+        except asyncio.CancelledError:  # the server is shutting down, or the client left
+            pending.cancelled = True
+            self.worker.withdraw(pending)
+            raise
+        finally:
+            left.cancel()
+
+    async def accept(self, request: Request, kind: str = "chat") -> Pending:
+        """Check a request and hand it to the worker: body (size, read time, JSON), fields and caps,
+        room in the queue, then the prompt rendered and tokenised off the event loop."""
         if self.failed or not self.ready.is_set() or self.rain is None:
             raise RequestError(503, "the model is still loading" if not self.failed else f"no model: {self.failed}",
                                "server_error", headers={"Retry-After": "5"})
         if self.shutting_down:
             raise RequestError(503, "the server is shutting down", "server_error")
         body = await self._body(request)
-        job = parse_chat(body, self.config, self.model_name, self.limits)
-        waiting = self.worker.waiting.qsize() + self.preparing  # those still being tokenised hold a place too
-        if waiting >= self.limits.max_queue:
-            raise RequestError(429, f"the server is busy: {waiting} requests are waiting (rain serve --max-queue "
-                               f"{self.limits.max_queue}); retry later", "rate_limit_error",
-                               headers={"Retry-After": str(self._retry_after())})
+        job = PARSERS[kind](body, self.config, self.model_name, self.limits)
+        self._admit()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: tuple) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
         pending = Pending(job, emit, events, job.arrived + self.limits.request_timeout)
         self.preparing += 1  # on the event loop: no lock needed
@@ -536,10 +270,21 @@ class RainServer:
             pending.answer = await run_in_threadpool(self.rain.answer, pending, job.prompt, job.cfg)
             self.worker.submit(pending)
         except RainError as err:
-            raise RequestError(400, str(err)) from None
+            raise RequestError(400, str(err), param=job.prompt_param) from None
         finally:
             self.preparing -= 1
         return pending
+
+    def _admit(self) -> None:
+        """429 unless there is room: the batch's free places plus --max-queue waiting beyond them
+        (requests still being tokenised hold a place too)."""
+        waiting = len(self.worker.waiting) + self.preparing
+        free = max(0, self.max_batch - len(self.worker.in_flight))
+        if waiting >= free + self.limits.max_queue:
+            raise RequestError(429, f"the server is busy: {waiting} requests are waiting for {free} free places in "
+                               f"the batch (rain serve --max-batch {self.max_batch}, --max-queue "
+                               f"{self.limits.max_queue}); retry later", "rate_limit_error",
+                               headers={"Retry-After": str(self.worker.recent.retry_after())})
 
     async def _body(self, request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -567,40 +312,34 @@ class RainServer:
             raise RequestError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s") from None
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(400, f"malformed request: the body is not valid JSON ({err})") from None
         except RecursionError:
             raise RequestError(400, "malformed request: the JSON body is nested too deeply") from None
-
-    def _retry_after(self) -> int:
-        """Seconds a refused client might wait: the mean answer time so far, at least 1."""
-        count, total = 0.0, 0.0
-        for metric in self.metrics.latency.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_count"):
-                    count = sample.value
-                elif sample.name.endswith("_sum"):
-                    total = sample.value
-        return max(1, math.ceil(total / count)) if count else 5
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(400, f"malformed request: the body is not valid JSON ({err})") from None
+        except ValueError:  # an integer literal longer than Python converts (4300 digits)
+            raise RequestError(400, f"malformed request: a number in the body has more than "
+                               f"{sys.get_int_max_str_digits()} digits") from None
 
     async def stream(self, pending: Pending, first: tuple) -> AsyncIterator[bytes]:
-        """Server-sent events: the role, then text as the search commits it, then the finish reason
-        with usage and RAIN's stats (or an error event), then [DONE]. A client that leaves has its
-        search cancelled at the next round."""
+        """Server-sent events: (chat: the role, then) text as the answer commits it, then the finish
+        reason with usage and RAIN's stats (or an error event), then [DONE]. A client that leaves
+        has its answer cancelled at the next round."""
         job, events = pending.job, pending.events
 
         def sse(payload: Any) -> bytes:
             return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
+        event = first
         try:
-            yield sse(chunk(job, self.model_name, {"role": "assistant"}))
-            event = first
+            if job.kind == "chat":
+                yield sse(chunk(job, self.model_name, role=True))
             while True:
                 if event[0] == "delta":
-                    yield sse(chunk(job, self.model_name, {"content": event[1]}))
+                    yield sse(chunk(job, self.model_name, event[1]))
                 elif event[0] == "done":
-                    whole = chat_response(job, event[1], self.model_name, self.rain.codec.stop_ids)
-                    yield sse(chunk(job, self.model_name, {}, event[2], usage=whole["usage"], rain=whole["rain"]))
+                    _, generation, finish, text = event
+                    whole = response_body(job, generation, text, finish, self.model_name)
+                    yield sse(chunk(job, self.model_name, None, finish, usage=whole["usage"], rain=whole["rain"]))
                     self.metrics.latency.observe(time.monotonic() - job.arrived)
                     break
                 elif event[0] == "error":
@@ -611,6 +350,26 @@ class RainServer:
         finally:
             if event[0] not in ("done", "error"):  # the client left (or the server stops): stop computing
                 pending.cancelled = True
+
+
+async def _client_left(request: Request) -> None:
+    """Returns when the client disconnects (its body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_event(events: asyncio.Queue, left: asyncio.Future) -> tuple | None:
+    """The request's next event from the worker, or None if its client left first."""
+    get = asyncio.ensure_future(events.get())
+    await asyncio.wait({get, left}, return_when=asyncio.FIRST_COMPLETED)
+    if get.done():
+        return get.result()
+    get.cancel()
+    return None
+
+
+def _reason(err: RequestError) -> str:
+    return {401: "auth", 413: "too_large", 429: "queue_full", 408: "slow_client"}.get(err.status, "invalid")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -645,4 +404,3 @@ def api_key_from(env: str | None) -> str | None:
     if not key:
         raise RainError(f"--api-key-env {env}: the environment variable {env} is not set or empty")
     return key
-

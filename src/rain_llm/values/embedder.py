@@ -18,7 +18,7 @@ import torch
 
 from rain_llm.config import RainConfig
 from rain_llm.errors import EngineRefused, RainError
-from rain_llm.runtime.backend import EMBED, Batch, Completion, Embed, ModelRequest
+from rain_llm.runtime.backend import EMBED, Batch, Completion, Embed, ModelRequest, SampleRows
 
 _EMBEDDER_IDS = itertools.count(1_000_000)  # forward names apart from the language models'
 
@@ -105,6 +105,9 @@ class EmbedderBackend:
 
     def cancel(self, requests: Sequence[ModelRequest]) -> None:
         """Nothing runs between steps."""
+
+    def decoded(self, request: SampleRows) -> list[int] | None:
+        return None
 
     def refusal(self, cfg: RainConfig) -> str | None:
         return None

@@ -82,6 +82,10 @@ class HFBackend:
         """In this process: it answers while the process does."""
         return None
 
+    def decoded(self, request: SampleRows) -> list[int] | None:
+        decoding = self.stream.requests.get(request)
+        return list(decoding.tokens[0]) if decoding is not None else []
+
     def retain(self, owner: Hashable, prefixes: Sequence[Sequence[int]], *, exact: bool = False,
                prune: bool = True) -> None:
         if prune:

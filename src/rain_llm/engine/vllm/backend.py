@@ -32,7 +32,7 @@ from rain_llm.engine.vllm.client import Client, Server
 from rain_llm.engine.vllm.wire import Wire, processed
 from rain_llm.errors import EngineError, RainError
 from rain_llm.runtime.accounting import Receipt
-from rain_llm.runtime.backend import Batch, Completion, ModelRequest
+from rain_llm.runtime.backend import Batch, Completion, ModelRequest, SampleRows
 
 WORKERS = 64  # HTTP requests in flight at most (per backend and its scopes)
 PINS = 4096  # answers remembered per backend: owners that never release (judges) age out
@@ -248,6 +248,10 @@ class VLLMBackend:
                 if job is not None:
                     job.dropped = True
             self._done = [c for c in self._done if c.request.id not in ids]
+
+    def decoded(self, request: SampleRows) -> list[int] | None:
+        """Replies come whole: nothing is known before a request ends."""
+        return None
 
     def retain(self, owner: Hashable, prefixes: Sequence[Sequence[int]], *, exact: bool = False,
                prune: bool = True) -> None:
