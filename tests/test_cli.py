@@ -146,3 +146,17 @@ def test_every_option_is_documented_and_defaults_read_plainly():
             assert flag in text
     serve = " ".join(commands["serve"].format_help().split())
     assert "(default 1048576)" in serve and "(default 16)" in serve and "(default 0.05)" in serve
+
+
+def test_summary_does_not_invent_forward_passes_for_a_server():
+    """A vLLM server does not report its forward passes: the summary shows '-' for its phases, not 0
+    (the local embedder's are known)."""
+    from rain_llm.shells.cli import summary
+
+    stats = {"engine": "vllm:smol", "answer_tokens": 3, "seconds": 1.0,
+             "compute": {"expand": {"forward_passes": 0, "tokens": 40}, "embed": {"forward_passes": 2, "tokens": 9},
+                         "total": {"forward_passes": 2, "tokens": 49}}}
+    text = summary(stats, "vanilla")
+    assert "expand -/40" in text and "embed 2/9" in text and "total -/49" in text
+    local = summary({**stats, "engine": "model"}, "vanilla")
+    assert "expand 0/40" in local and "total 2/49" in local

@@ -13,6 +13,7 @@ of single tokens to 2e-4, sums over a row's tokens to 1e-3 (measured: under 5e-5
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
 import signal
@@ -21,11 +22,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 import torch
 
@@ -487,9 +490,11 @@ def test_api_key_from_the_environment(monkeypatch):
 
 
 def test_server_killed_mid_answer(default_model_dir, tmp_path):
-    """A throwaway server dies (SIGKILL) while an answer is searching in this process and while
-    `rain eval --engine vllm` runs in another: the answer fails with one RainError line, no hang;
-    the eval keeps the records it wrote and exits 2 with one line."""
+    """A throwaway server dies (SIGKILL) while an answer is searching in this process, while
+    `rain eval --engine vllm` runs in another, and under a `rain serve` over it: the answer fails with
+    one RainError line, no hang; the eval keeps the records it wrote and exits 2 with one line; the
+    server's /health says 503 and its next request gets a 503 JSON error."""
+    from rain_llm.shells.server import RainServer
 
     doomed = VLLMServer(default_model_dir, tmp_path / "doomed.log")
     try:
@@ -501,6 +506,8 @@ def test_server_killed_mid_answer(default_model_dir, tmp_path):
              "vanilla", "--max-new-tokens", "8", "--quiet", "--threads", "1", "--engine", "vllm", "--engine-url",
              doomed.url, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         rain = Rain.connect(doomed.url)
+        serving = RainServer(Rain.connect(doomed.url), load_config("fast", max_new_tokens=4), port=0,
+                             log=open(os.devnull, "w")).start()
         failure: list[BaseException] = []
 
         def search() -> None:
@@ -524,8 +531,17 @@ def test_server_killed_mid_answer(default_model_dir, tmp_path):
         assert len(failure) == 1 and isinstance(failure[0], RainError), failure
         text = str(failure[0])
         assert "\n" not in text and doomed.url in text, text
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(serving.url.removesuffix("/v1") + "/health", timeout=60)
+        assert health.value.code == 503 and doomed.url in json.loads(health.value.read())["error"]
+        with pytest.raises(openai.APIStatusError) as lost:
+            openai.OpenAI(base_url=serving.url, api_key="none", max_retries=0, timeout=120).chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": PROMPTS[1]}], extra_body={"rain": {"t_max": 2}})
+        assert lost.value.status_code == 503 and doomed.url in lost.value.message
         _, stderr = proc.communicate(timeout=120)
     finally:
+        if "serving" in locals():
+            serving.close()
         doomed.stop()
         if "proc" in locals() and proc.poll() is None:
             proc.kill()
@@ -535,6 +551,32 @@ def test_server_killed_mid_answer(default_model_dir, tmp_path):
     kept = out.read_text().splitlines()
     assert kept[:len(written)] == written and len(kept) >= 2  # what was written stays
     assert all(json.loads(x)["method"] == "vanilla" for x in kept)
+
+
+def test_rain_serve_on_vllm_through_the_openai_client(vrain, hf):
+    """`rain serve --engine vllm` as users reach it: the official client gets the answer the
+    transformers engine gives (greedy); the caps follow the server's --max-logprobs, so a request
+    above them is refused with a 400 naming the setting, and a request beside it is answered."""
+    from rain_llm.shells.server import RainServer
+
+    log = io.StringIO()
+    with RainServer(vrain, load_config("fast", max_new_tokens=6), port=0, log=log) as srv:
+        assert srv.limits.max_candidates == 20 and "--max-logprobs" in log.getvalue()
+        client = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=300)
+
+        def ask(**rain):
+            return client.chat.completions.create(model="smol", messages=[{"role": "user", "content": PROMPTS[2]}],
+                                                  extra_body={"rain": rain})
+
+        plain = ask(method="vanilla")
+        assert plain.choices[0].message.content == hf.generate(PROMPTS[2], method="vanilla", max_new_tokens=6).text
+        searched = ask(t_max=3)
+        assert searched.choices[0].message.content and searched.model_extra["rain"]["stats"]["iterations"] >= 3
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(num_candidates=25)
+        assert "num_candidates" in err.value.message
+        with urllib.request.urlopen(srv.url.removesuffix("/v1") + "/health", timeout=30) as health:
+            assert json.loads(health.read())["status"] == "ok"
 
 
 def test_engine_flags_without_a_url(capsys):

@@ -9,7 +9,7 @@ import json
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -62,8 +62,9 @@ class HeaderTimeoutH11(H11Protocol):
         self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
     def _disarm(self) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
             self._header_timer = None
 
     def _headers_too_slow(self) -> None:
@@ -116,7 +117,7 @@ class Access:
         path = scope["path"]
         status = {"code": 500, "started": False}
 
-        async def send_with_id(message: dict) -> None:
+        async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status.update(code=message["status"], started=True)
                 rid = state.get("job_id", state["id"]).encode()
@@ -167,6 +168,8 @@ def build_app(server: RainServer) -> Any:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
         if server.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if (problem := await server.engine_problem()) is not None:
+            return JSONResponse({"status": "engine unavailable", "error": problem}, status_code=503)
         return JSONResponse({"status": "ok", "model": server.model_name})
 
     @app.get("/metrics")

@@ -123,7 +123,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, preset: str | None = No
                        "so far); off for a server known fixed (default auto)")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The parser and each command's subparser (for suggestions on mistyped options)."""
     parser = Parser(prog="rain", description="RAIN: rewindable auto-regressive inference")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -321,9 +321,16 @@ class Progress:
 
 def summary(stats: dict[str, Any], method: str) -> str:
     compute = stats["compute"]
-    phases = ", ".join(f"{name} {c['forward_passes']}/{c['tokens']}" for name, c in compute.items()
+    remote = str(stats.get("engine", "")).startswith("vllm:")  # a server does not report its forward passes
+
+    def passes(name: str, count: int) -> str:
+        return "-" if remote and name != "embed" else str(count)
+
+    phases = ", ".join(f"{name} {passes(name, c['forward_passes'])}/{c['tokens']}" for name, c in compute.items()
                        if name not in ("total", "least_work"))
     total = compute["total"]
+    if remote:
+        total = {**total, "forward_passes": "-"}
     least = compute.get("least_work", {}).get("tokens")
     if method == "vanilla":
         head = f"vanilla: {stats['answer_tokens']} tokens"

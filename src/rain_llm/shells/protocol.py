@@ -155,7 +155,7 @@ def _setting_type(default: Any) -> Any:
 
 
 # Every RainConfig key a request may set, typed from its default (ranges: RainConfig.validate).
-RainSettings = _create_model(
+RainSettings = _create_model(  # type: ignore[call-overload]  # fields built from RainConfig
     "RainSettings", __config__=ConfigDict(extra="forbid"),
     **{f.name: (_setting_type(getattr(RainConfig, f.name, ())) | None, None)
        for f in fields(RainConfig) if f.name not in SERVER_ONLY_KEYS and f.name != "seed"},
@@ -241,7 +241,7 @@ def parse_completion(body: Any, base: RainConfig, model_name: str, limits: Limit
     """A completions request (a plain prompt) -> a checked job; the prompt is answered as one user
     message. Raises RequestError naming the problem."""
     request = _validated(CompletionRequest, body, model_name, UNSUPPORTED_COMPLETION)
-    prompt = request.prompt
+    prompt: Any = request.prompt
     if isinstance(prompt, list):
         if prompt and not all(isinstance(p, str) for p in prompt):
             raise RequestError(400, "'prompt' as token ids is not supported: send the prompt as text (lm-eval: "
@@ -250,6 +250,8 @@ def parse_completion(body: Any, base: RainConfig, model_name: str, limits: Limit
             raise RequestError(400, f"'prompt' must be one text, not a list of {len(prompt)}: one answer per request "
                                "(lm-eval: batch_size=1, num_concurrent=N for parallel requests)", param="prompt")
         prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError(400, "'prompt' must be a text", param="prompt")
     return _job(request, _text_prompt(prompt, limits), "completion", base, limits)
 
 
@@ -289,7 +291,7 @@ def _validated(model: type[AnyRequest], body: Any, model_name: str, unsupported:
 def _job(request: _Request, prompt: Prompt, kind: str, base: RainConfig, limits: Limits) -> Job:
     """The job for a validated request: its settings (RAIN's, then the OpenAI fields that map to
     them) checked by RainConfig and held to the server's caps."""
-    changes = request.rain.model_dump(exclude_none=True) if request.rain else {}
+    changes: dict[str, Any] = request.rain.model_dump(exclude_none=True) if request.rain else {}
     params = {key: f"rain.{key}" for key in changes}  # where each setting came from
     if changes.get("template") is not None and changes["template"] not in BUILTIN_TEMPLATES:
         raise RequestError(400, f"template {changes['template']!r}: a request may name a built-in template only "
@@ -352,11 +354,12 @@ def held_to(cfg: RainConfig, base: RainConfig, limits: Limits, params: dict[str,
     if max(cfg.token_set_lengths) > limits.max_token_set_length or len(cfg.token_set_lengths) > 16:
         over("token_set_lengths", list(cfg.token_set_lengths), f"{limits.max_token_set_length} tokens (16 depths)",
              flags["max_token_set_length"])
-    budgets = (("max_search_seconds", limits.max_search_seconds), ("max_search_tokens", limits.max_search_tokens))
-    for name, cap in budgets:
-        value = getattr(cfg, name)
-        if cap and (value == 0 or value > cap):
-            over(name, value if value else "0 (none)", cap, flags[name])
+    budgets: tuple[tuple[str, float], ...] = (("max_search_seconds", limits.max_search_seconds),
+                                              ("max_search_tokens", limits.max_search_tokens))
+    for name, budget in budgets:
+        value: float = getattr(cfg, name)
+        if budget and (value == 0 or value > budget):
+            over(name, value if value else "0 (none)", budget, flags[name])
     return cfg
 
 

@@ -22,6 +22,7 @@ middleware; `worker.py`: the model worker; `protocol.py`: request checks and res
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +53,7 @@ __all__ = ["RainServer", "Limits", "check_port", "api_key_from"]
 
 
 SHUTDOWN_MARGIN = 10.0  # seconds uvicorn waits past --grace: the 503s of answers given up go out first
+ENGINE_CHECK = 2.0  # seconds /health trusts what it last found about the engine
 PARSERS = {"chat": parse_chat, "completion": parse_completion}
 
 
@@ -111,11 +113,12 @@ class RainServer:
         self.failed: str | None = None
         self.shutting_down = False
         self.preparing = 0  # requests past their checks, being tokenised (they count against --max-queue)
+        self._engine_checked: tuple[float, str | None] = (-ENGINE_CHECK, None)  # (when, what /health found)
         self.worker = worker(self)
         protocol = type("RainH11", (HeaderTimeoutH11,), {"header_timeout": self.limits.header_timeout})
         self.uvicorn = _Uvicorn(uvicorn.Config(
             build_app(self), host=host, port=port, http=protocol, log_level="warning", access_log=False,
-            backlog=2048, timeout_keep_alive=5, timeout_graceful_shutdown=grace + SHUTDOWN_MARGIN,
+            backlog=2048, timeout_keep_alive=5, timeout_graceful_shutdown=math.ceil(grace + SHUTDOWN_MARGIN),
             lifespan="off"), self._begin_shutdown)
         self.host = host
         self._socket = _bind(host, port)
@@ -194,6 +197,25 @@ class RainServer:
         self.close()
 
     # ------------------------------------------------------------------ logs
+    def adopt_engine_limits(self) -> None:
+        """Caps no higher than the engine serves: on vLLM, candidates (and dynamic additions) up to
+        the server's --max-logprobs (a request above it would be refused by the engine anyway)."""
+        from rain_llm.engine.vllm import VLLMBackend
+
+        backend = self.rain.backend if self.rain is not None else None
+        if isinstance(backend, VLLMBackend) and backend.max_logprobs < self.limits.max_candidates:
+            self.limits = dataclasses.replace(self.limits, max_candidates=backend.max_logprobs)
+            self.say(f"rain: --limit-candidates lowered to {backend.max_logprobs}, the vLLM server's --max-logprobs")
+
+    async def engine_problem(self) -> str | None:
+        """None while the engine answers; else why not (asked at most every ENGINE_CHECK seconds)."""
+        now = time.monotonic()
+        if self.rain is None or now - self._engine_checked[0] < ENGINE_CHECK:
+            return self._engine_checked[1]
+        problem = await run_in_threadpool(self.rain.backend.health)
+        self._engine_checked = (now, problem)
+        return problem
+
     def say(self, line: str) -> None:
         """One line in the server log (from any thread)."""
         with self._log_lock:

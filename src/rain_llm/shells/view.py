@@ -343,7 +343,7 @@ def _cells(node: Node, parent_visits: float) -> str:
         q_cell = '<span class="num q un">–</span>'
     sims = int(node.get("similarity_updates", 0))
     return (f'<span class="num v" style="--w:{share * 100:.0f}%">{visits}</span>'
-            f'<span class="num n">{_count(node.get("n", visits))}</span>{q_cell}'
+            f'<span class="num n">{_count(float(node.get("n") or visits))}</span>{q_cell}'
             f'<span class="num p" style="--w:{min(1.0, max(0.0, prior)) * 100:.0f}%">{prior:.3f}</span>'
             f'<span class="num s">{f"<span class=badge>sim {sims}</span>" if sims else ""}</span>'
             f'<span class="num d">{"<span class=badge>+dyn</span>" if node.get("dynamic") else ""}</span>')

@@ -24,7 +24,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from rain_llm.errors import RainError
 from rain_llm.runtime.scheduler import Failure
@@ -150,23 +150,28 @@ class Worker(threading.Thread):
     def run(self) -> None:
         server = self.server
         try:
-            if server.rain is None:
+            if server.rain is None and server.loader is not None:
                 server.rain = server.loader()
+            server.adopt_engine_limits()
             server.ready.set()
         except Exception as err:  # the model could not load: say why on /health and in the log
             server.failed = f"{type(err).__name__}: {err}" if not isinstance(err, RainError) else str(err)
             server.say(f"rain: error: {server.failed}")
             server.ready.set()
             return
+        rain = server.rain
+        if rain is None:
+            raise RuntimeError("rain serve bug: no model and no loader")
         while True:
-            batch = server.rain.continuous_batch()
+            batch = rain.continuous_batch()
             try:
                 for step in batch.drain(self._arrivals(batch), server.max_batch):
-                    for pending in step.started:
+                    for key in step.started:
+                        pending = cast(Pending, key)  # the batch's keys are the pending requests
                         self.in_flight.add(pending)
                         pending.emit(("start",))
-                    for pending, outcome in step.finished.items():
-                        self._finish(pending, outcome, None)
+                    for key, outcome in step.finished.items():
+                        self._finish(cast(Pending, key), outcome, None)
                     self._tend(batch)
                     if self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline:
                         self._give_up(batch)
@@ -254,9 +259,9 @@ class Worker(threading.Thread):
             pending.emit(("error", RequestError(generation.status, generation.message, kind, param=param)))
             return
         server, job = self.server, pending.job
+        stop_ids = server.rain.codec.stop_ids if server.rain is not None else frozenset()
         text, stopped = cut_at_stop(generation.text, job.stops)
-        finish = "stop" if stopped else reason or finish_reason(generation.token_ids, server.rain.codec.stop_ids,
-                                                                 job.cfg.max_new_tokens)
+        finish = "stop" if stopped else reason or finish_reason(generation.token_ids, stop_ids, job.cfg.max_new_tokens)
         compute = generation.stats.compute.total()
         server.metrics.answers.labels(generation.method, finish).inc()
         server.metrics.answer_tokens.inc(len(generation.token_ids))
