@@ -165,18 +165,26 @@ def template_of(rec: Record) -> str:
     return str(config.get("template", "")) if isinstance(config, dict) else ""
 
 
+def leaves_of(rec: Record) -> str:
+    """"p4" for a search that expanded 4 leaves per round (`--parallel-leaves 4`), '' for the paper's one:
+    the opt-in changes the search, so its answers are a row of their own, never duplicates of the other."""
+    config = rec.method_config.get("config") if isinstance(rec.method_config, dict) else None
+    leaves = config.get("parallel_leaves", 1) if isinstance(config, dict) and rec.method == "rain" else 1
+    return f"p{leaves}" if isinstance(leaves, int) and leaves > 1 else ""
+
+
 def load(paths: list[str | Path]) -> tuple[list[Record], int]:
-    """The records of all files, one per (task label, id, method, model, template) with the last read
-    winning; also how many duplicates were dropped."""
+    """The records of all files, one per (task label, id, method, model, template, parallel leaves) with
+    the last read winning; also how many duplicates were dropped."""
     if not paths:
         raise RainError("no results files given")
-    latest: dict[tuple[str, str, str, str], Record] = {}
+    latest: dict[tuple[str, ...], Record] = {}
     read = 0
     for path in paths:
         for rec in read_records(path):
             check_record(rec, path)
             read += 1
-            key = (task_label(rec), str(rec.id), rec.method, rec.model or "", template_of(rec))
+            key = (task_label(rec), str(rec.id), rec.method, rec.model or "", template_of(rec), leaves_of(rec))
             latest.pop(key, None)  # re-insert so the order follows the winning copy
             latest[key] = rec
     if not latest:
@@ -261,6 +269,8 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
         row = f"{rec.method} [{rec.model}]" if len(models[task]) > 1 else rec.method
         if len(templates.get(task, ())) > 1 and template_of(rec):
             row += f" [{Path(template_of(rec)).name}]"
+        if leaves_of(rec):
+            row += f" [parallel leaves {leaves_of(rec)[1:]}]"
         grouped.setdefault(task, {}).setdefault(row, []).append(rec)
     out = {}
     for task, by_method in grouped.items():
