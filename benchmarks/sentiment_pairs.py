@@ -27,6 +27,18 @@ from pathlib import Path
 import numpy as np
 
 
+def read_continuations(path: Path) -> list[dict]:
+    """The continuations written so far; a last line cut by a kill is dropped from the file (its opening
+    is sampled again)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,11 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "continuations.jsonl"
         have: dict[str, int] = {}  # continuations per opening so far (a rerun with more --samples adds to them)
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    opening = json.loads(line)["opening"]
-                    have[opening] = have.get(opening, 0) + 1
+        for row in read_continuations(path):
+            have[row["opening"]] = have.get(row["opening"], 0) + 1
         examples = select(load_examples("sentiment"), limit=args.openings)
         todo = [(i, ex) for i, ex in enumerate(examples) if have.get(ex.id, 0) < args.samples]
         set_threads(args.threads)
@@ -94,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 f.flush()
                 os.fsync(f.fileno())
             print(f"{chunk + len(batch)}/{len(todo)} openings, {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows.sort(key=lambda r: (r["position"], r["sample"]))
+        # the pairs: from the first --samples continuations of each of these openings that has them all
+        wanted = {ex.id for ex in examples}
+        rows = [r for r in read_continuations(path) if r["opening"] in wanted and r["sample"] < args.samples]
+        count = {o: sum(r["opening"] == o for r in rows) for o in wanted}
+        rows = sorted((r for r in rows if count[r["opening"]] == args.samples),
+                      key=lambda r: (r["position"], r["sample"]))
         pairs = sentiment_pairs(rows)
         position = {r["opening"]: r["position"] for r in rows}
         halves = {"screen": [p for p in pairs if position[p["opening"]] % 2 == 0],
