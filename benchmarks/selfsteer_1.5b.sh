@@ -36,9 +36,6 @@ TEMPLATE=${TEMPLATE:-results/eval/templates/sentiment-short.toml}  # the screen 
 $R eval selfeval --data $OUT/pairs-heldout.jsonl --template "$TEMPLATE" "${M[@]}" \
   --out "$PRE/heldout-$(basename "$TEMPLATE" .toml).jsonl"
 $R report $PRE/heldout-*.jsonl --out $PRE/report-heldout
-$R eval selfeval --data $OUT/code/pairs.jsonl --template results/eval/templates/code.toml "${M[@]}" \
-  --out $PRE/code.jsonl
-$R report $PRE/code.jsonl --out $PRE/report-code
 
 # 3. the effect: the fast budget (T_max 8, 4 candidates), 24 tokens, 4 answers in flight, as the 1.5B runs
 S=(--preset fast --max-new-tokens 24 --batch "${BATCH:-4}" --limit "${N:-100}" --value self --template "$TEMPLATE"
@@ -46,3 +43,8 @@ S=(--preset fast --max-new-tokens 24 --batch "${BATCH:-4}" --limit "${N:-100}" -
 $R eval sentiment --methods vanilla,rain,best-of-n --best-of-n match "${M[@]}" "${S[@]}" --out $OUT/sentiment.jsonl
 $R eval sentiment --methods rain --parallel-leaves 4 "${M[@]}" "${S[@]}" --out $OUT/sentiment-p4.jsonl
 $R report $OUT/sentiment.jsonl $OUT/sentiment-p4.jsonl --out $OUT/report
+
+# 4. the code pre-flight last: its prompts are long (about 20 s a pair here), and the effect comes first
+$R eval selfeval --data $OUT/code/pairs.jsonl --template results/eval/templates/code.toml "${M[@]}" \
+  --out $PRE/code.jsonl
+$R report $PRE/code.jsonl --out $PRE/report-code
