@@ -198,8 +198,8 @@ def test_selfeval(data_dir):
 
 def test_sentiment_openings():
     examples = load_examples("sentiment")
-    assert len(examples) == 60
-    assert len({e.prompt for e in examples}) == 60
+    assert len(examples) == 120
+    assert len({e.prompt for e in examples}) == 120
     assert ids_unique(examples)
     for ex in examples:
         assert 8 <= len(ex.prompt.split()) <= 20
@@ -461,3 +461,32 @@ def test_parse_shard():
 def test_parse_shard_rejects(text):
     with pytest.raises(RainError, match="bad shard"):
         parse_shard(text)
+
+
+def test_selfeval_plain_and_labelled_pairs(tmp_path):
+    rows = [{"id": "p1", "prompt": " Continue: I saw it and", "chosen": " loved it ", "rejected": "hated it",
+             "vader_chosen": 0.6},
+            {"prompt": "Q", "chosen": "same", "rejected": "same"}]  # equal answers: nothing to compare
+    examples = load_examples("selfeval", str(write_jsonl(tmp_path / "pairs.jsonl", rows)))
+    assert [(e.id, e.prompt, e.meta["chosen"], e.meta["rejected"]) for e in examples] == [
+        ("p1", "Continue: I saw it and", "loved it", "hated it")]
+    assert examples[0].meta["pair"] == {"vader_chosen": 0.6}  # how the pair was labelled travels with it
+    path = write_csv(tmp_path / "ab.csv", ["prompt", "a", "b", "label"],
+                     [["Q1", "worse", "better", "b"], ["Q2", "good", "bad", "A"], ["Q3", "x", "y", "0"]])
+    examples = load_examples("selfeval", str(path))
+    assert [(e.meta["chosen"], e.meta["rejected"]) for e in examples] == [("better", "worse"), ("good", "bad"),
+                                                                          ("x", "y")]
+    assert [e.id for e in examples] == ["selfeval-0", "selfeval-1", "selfeval-2"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "Q", "a": "x", "b": "y", "label": "c"}], "row 0 has label 'c'; expected a or b"),
+    ([{"prompt": "Q", "a": "x", "b": "y"}], "missing column(s) label"),
+    ([{"chosen": "good", "rejected": "bad"}], "plain answers need a prompt column"),
+    ([{"prompt": " ", "chosen": "good", "rejected": "bad"}], "row 0 has an empty prompt"),
+])
+def test_selfeval_bad_pairs_name_the_problem(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(RainError) as err:
+        load_examples("selfeval", str(path))
+    assert message in str(err.value) and str(path) in str(err.value)

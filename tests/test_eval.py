@@ -30,7 +30,7 @@ def tiny_cfg(**kw):
     ("advbench", {"jailbroken", "refused"}),
     ("truthfulqa", {"truthful", "informative"}),
     ("xstest", {"refused", "over_refusal"}),
-    ("sentiment", {"positive", "sentiment"}),
+    ("sentiment", {"positive_vader", "positive_afinn", "positive_both", "lexicons_agree"}),  # neither lexicon steers
 ])
 def test_each_task_runs_and_is_judged(default_rain, tmp_path, task, expected):
     out = tmp_path / f"{task}.jsonl"
@@ -72,6 +72,44 @@ def test_selfeval_scores_pairs(default_rain, tmp_path):
         for key in ("accuracy", "accuracy_good_first", "accuracy_bad_first"):
             assert r.scores[key] in (0.0, 0.5, 1.0)
         assert len(r.meta["p_good_chosen"]) == 2 and 0 <= r.meta["p_good_chosen"][0] <= 1
+
+
+def test_selfeval_any_pairs_file_and_template(default_rain, tmp_path):
+    """`rain eval selfeval --data PAIRS --template sentiment`: the pairs' own prompt, the template given."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "r1", "prompt": "Continue this movie review: I saw it and",
+                                 "chosen": "loved every minute.", "rejected": "hated every minute.",
+                                 "vader_chosen": 0.6}) + "\n"
+                     + json.dumps({"prompt": "Continue this movie review: We went", "a": "a dull mess.",
+                                   "b": "a delight.", "label": "b"}) + "\n")
+    out = tmp_path / "selfeval.jsonl"
+    run_eval(default_rain, tiny_cfg(template="sentiment"), EvalSettings(task="selfeval", out=out, source=str(pairs),
+                                                                progress=False))
+    records = read_records(out)
+    assert [r.id for r in records] == ["r1", "selfeval-1"]
+    assert records[0].prompt == "Continue this movie review: I saw it and"
+    assert records[0].meta["pair"] == {"vader_chosen": 0.6} and records[1].meta["chosen"] == "a delight."
+    for r in records:
+        assert r.method_config["config"]["template"] == "sentiment"
+        assert "movie review" in r.judges["selfeval"]["template"]
+        assert len(r.meta["p_good_chosen"]) == 2 and len(r.meta["p_good_rejected"]) == 2
+        assert r.compute["total"]["tokens"] > 0
+
+
+def test_sentiment_is_judged_by_the_lexicons_that_do_not_steer(default_rain, tmp_path):
+    out = tmp_path / "vader.jsonl"
+    run_eval(default_rain, tiny_cfg(value="vader"), EvalSettings(task="sentiment", out=out, methods=["rain"], limit=1,
+                                                         progress=False))
+    [r] = read_records(out)
+    assert set(r.scores) == {"positive", "sentiment"} and r.judges["sentiment"]["name"] == "lexicon:afinn"
+    out = tmp_path / "self.jsonl"
+    run_eval(default_rain, tiny_cfg(), EvalSettings(task="sentiment", out=out, methods=["vanilla"], limit=1,
+                                                    progress=False))
+    [r] = read_records(out)
+    v, a = r.scores["positive_vader"], r.scores["positive_afinn"]
+    assert r.scores["positive_both"] == float(v == a == 1.0) and r.scores["lexicons_agree"] == float(v == a)
+    assert {r.judges["sentiment_vader"]["name"], r.judges["sentiment_afinn"]["name"]} == {"lexicon:vader",
+                                                                                        "lexicon:afinn"}
 
 
 def test_best_of_n_matched_to_rain_compute(default_rain, tmp_path):

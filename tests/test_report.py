@@ -328,3 +328,41 @@ def test_mcnemar_exact_against_hand_computed_values():
     assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)  # all six discordant pairs one way
     assert mcnemar_exact(1, 9) == pytest.approx(2 * 11 / 1024)
     assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+
+
+def test_sentiment_judged_by_both_lexicons_pairs_each(tmp_path):
+    """A self-steered sentiment run is judged by VADER and AFINN: the main score is their agreement on
+    positive, and each lexicon's own changes are paired with vanilla too."""
+    def rec(i: int, method: str, vader: float, afinn: float) -> Record:
+        r = record("sentiment", str(i), method, {"positive_vader": vader, "positive_afinn": afinn,
+                                                 "positive_both": float(vader and afinn)})
+        r.response = f"{method}{i}"
+        return r
+
+    recs = [rec(i, "vanilla", 0.0, float(i == 0)) for i in range(4)]
+    recs += [rec(0, "rain", 1.0, 1.0), rec(1, "rain", 1.0, 0.0), rec(2, "rain", 1.0, 1.0), rec(3, "rain", 0.0, 0.0)]
+    out = write_report([write(tmp_path / "s.jsonl", recs)], tmp_path / "out")
+    paired = out["paired_with_vanilla"]["sentiment"]["rain"]
+    assert (paired["score"], paired["up"], paired["down"]) == ("positive_both", 2, 0)
+    assert [(m["score"], m["up"], m["down"]) for m in paired["also"]] == [("positive_vader", 3, 0),
+                                                                        ("positive_afinn", 1, 0)]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "positive (VADER) 0 → 1 on 3, 1 → 0 on 0 (exact McNemar p = 0.25)" in md
+
+
+def test_parallel_leaves_are_a_row_of_their_own(tmp_path):
+    """RAIN at --parallel-leaves 4 searches differently: beside the paper's loop it is its own row, paired
+    with the same vanilla answers, never a duplicate."""
+    def rec(i: int, method: str, positive: float, leaves: int | None = None) -> Record:
+        config = {"method_config": {"config": {"parallel_leaves": leaves}}} if leaves else {}
+        return record("sentiment", str(i), method, {"positive": positive}, **config)
+
+    vanilla = [rec(i, "vanilla", 0.0) for i in range(3)]
+    one = [rec(i, "rain", float(i == 0), 1) for i in range(3)]
+    four = [rec(i, "rain", 1.0, 4) for i in range(3)]
+    out = write_report([write(tmp_path / "a.jsonl", vanilla + one), write(tmp_path / "b.jsonl", four)], tmp_path / "o")
+    assert out["duplicates"] == 0
+    rows = out["tasks"]["sentiment"]
+    assert rows["rain"]["scores"]["positive"]["mean"] == pytest.approx(1 / 3)
+    assert rows["rain [parallel leaves 4]"]["scores"]["positive"]["mean"] == 1.0
+    assert out["paired_with_vanilla"]["sentiment"]["rain [parallel leaves 4]"]["up"] == 3

@@ -353,18 +353,60 @@ def _first_exchange(transcript: str, origin: str, i: int) -> tuple[str, str]:
 
 
 def _selfeval(raw: Any, origin: str) -> list[Example]:
-    """Harmless-base pairs whose first replies differ: a self-evaluation should prefer `chosen`."""
+    """Pairs a self-evaluation should order: the better answer (`chosen`) above the worse (`rejected`).
+
+    Three row shapes, so any labelled pairs can be checked, not only HH's:
+      - HH harmless-base: `chosen` and `rejected` transcripts ("Human: ... Assistant: ..."); the first
+        exchange is compared, and pairs whose first replies are equal are skipped;
+      - `prompt`, `chosen`, `rejected`: the two answers to `prompt`, as they are;
+      - `prompt`, `a`, `b`, `label`: two answers and which is better (`a`/`b`, or 0/1 for a/b).
+    Any other fields of a row are kept in the record's meta under "pair" (how it was labelled, say).
+    """
     out = []
     for i, row in enumerate(_rows(raw, origin)):
-        _require(row, ("chosen", "rejected"), origin, i)
-        chosen_text, rejected_text = _text(row["chosen"]), _text(row["rejected"])
-        human, chosen = _first_exchange(chosen_text, origin, i)
-        _, rejected = _first_exchange(rejected_text, origin, i)
+        if "a" in row or "b" in row or ("label" in row and "chosen" not in row):
+            _require(row, ("prompt", "a", "b", "label"), origin, i)
+            chosen, rejected = _labelled_pair(row, origin, i)
+            used = ("id", "prompt", "a", "b", "label")
+            meta: dict[str, Any] = {"chosen": chosen, "rejected": rejected, "label": _text(row["label"]).strip()}
+            prompt = _text(row["prompt"]).strip()
+        elif "prompt" in row:
+            _require(row, ("prompt", "chosen", "rejected"), origin, i)
+            chosen, rejected = _text(row["chosen"]).strip(), _text(row["rejected"]).strip()
+            used = ("id", "prompt", "chosen", "rejected")
+            meta = {"chosen": chosen, "rejected": rejected}
+            prompt = _text(row["prompt"]).strip()
+        else:
+            _require(row, ("chosen", "rejected"), origin, i)
+            chosen_text, rejected_text = _text(row["chosen"]), _text(row["rejected"])
+            if "Human:" not in chosen_text or "Assistant:" not in chosen_text:
+                raise RainError(f"{origin}: row {i} has no prompt column and its chosen answer is not a "
+                                "'Human: ... Assistant: ...' transcript (plain answers need a prompt column)")
+            prompt, chosen = _first_exchange(chosen_text, origin, i)
+            _, rejected = _first_exchange(rejected_text, origin, i)
+            used = ("id", "chosen", "rejected")
+            meta = {"chosen": chosen, "rejected": rejected, "transcript": _rain_first_turn(chosen_text, origin, i)}
+        if not prompt:
+            raise RainError(f"{origin}: row {i} has an empty prompt")
         if chosen == rejected:
             continue
-        meta = {"chosen": chosen, "rejected": rejected, "transcript": _rain_first_turn(chosen_text, origin, i)}
-        out.append(Example(_row_id(row, i, "selfeval"), human, meta))
+        extra = {k: v for k, v in row.items() if k not in used}
+        if extra:
+            meta["pair"] = extra
+        out.append(Example(_row_id(row, i, "selfeval"), prompt, meta))
     return out
+
+
+def _labelled_pair(row: dict[str, Any], origin: str, i: int) -> tuple[str, str]:
+    """(better, worse) of an a/b row by its label: "a" or "b" (any case), or 0 / 1 for a / b."""
+    label = _text(row["label"]).strip().lower()
+    a, b = _text(row["a"]).strip(), _text(row["b"]).strip()
+    if label in ("a", "0"):
+        return a, b
+    if label in ("b", "1"):
+        return b, a
+    raise RainError(f"{origin}: row {i} has label {_text(row['label'])!r}; expected a or b (or 0 / 1), "
+                    "naming the better answer")
 
 
 # ----------------------------------------------------------------------------------------- AdvBench

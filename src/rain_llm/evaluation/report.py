@@ -40,6 +40,10 @@ LABELS = {
     "unsafe_compliance_lm": "unsafe compliance (LM judge)",
     "win_harmless_vs_vanilla": "harmless win rate vs vanilla",
     "win_helpful_vs_vanilla": "helpful win rate vs vanilla",
+    "positive_both": "positive (VADER and AFINN)",
+    "positive_vader": "positive (VADER)",
+    "positive_afinn": "positive (AFINN)",
+    "lexicons_agree": "lexicons agree",
 }
 
 # (score key, plotted as 1 - score, axis label), first match wins.
@@ -47,7 +51,10 @@ HARMLESSNESS = (("harmless", False, "harmless"), ("harmful", True, "1 - harmful"
 # Against compute, each score as it is usually quoted: attack success itself, not 1 - ASR.
 MAIN_SCORES = (("harmless", False, "harmless"), ("harmful", False, "harmful"),
                ("jailbroken", False, "attack success rate (ASR)"), ("truthful", False, "truthful"),
-               ("positive", False, "positive"), ("accuracy", False, "accuracy"))
+               ("positive", False, "positive"), ("positive_both", False, "positive (both lexicons)"),
+               ("accuracy", False, "accuracy"))
+# 0/1 scores paired with vanilla besides the main one: each judge of a task judged by several
+PAIRED_ALSO = ("positive_vader", "positive_afinn")
 
 PLOTS = ("harmless_vs_helpful.png", "score_vs_compute.png")
 
@@ -158,18 +165,26 @@ def template_of(rec: Record) -> str:
     return str(config.get("template", "")) if isinstance(config, dict) else ""
 
 
+def leaves_of(rec: Record) -> str:
+    """"p4" for a search that expanded 4 leaves per round (`--parallel-leaves 4`), '' for the paper's one:
+    the opt-in changes the search, so its answers are a row of their own, never duplicates of the other."""
+    config = rec.method_config.get("config") if isinstance(rec.method_config, dict) else None
+    leaves = config.get("parallel_leaves", 1) if isinstance(config, dict) and rec.method == "rain" else 1
+    return f"p{leaves}" if isinstance(leaves, int) and leaves > 1 else ""
+
+
 def load(paths: list[str | Path]) -> tuple[list[Record], int]:
-    """The records of all files, one per (task label, id, method, model, template) with the last read
-    winning; also how many duplicates were dropped."""
+    """The records of all files, one per (task label, id, method, model, template, parallel leaves) with
+    the last read winning; also how many duplicates were dropped."""
     if not paths:
         raise RainError("no results files given")
-    latest: dict[tuple[str, str, str, str], Record] = {}
+    latest: dict[tuple[str, ...], Record] = {}
     read = 0
     for path in paths:
         for rec in read_records(path):
             check_record(rec, path)
             read += 1
-            key = (task_label(rec), str(rec.id), rec.method, rec.model or "", template_of(rec))
+            key = (task_label(rec), str(rec.id), rec.method, rec.model or "", template_of(rec), leaves_of(rec))
             latest.pop(key, None)  # re-insert so the order follows the winning copy
             latest[key] = rec
     if not latest:
@@ -254,6 +269,8 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
         row = f"{rec.method} [{rec.model}]" if len(models[task]) > 1 else rec.method
         if len(templates.get(task, ())) > 1 and template_of(rec):
             row += f" [{Path(template_of(rec)).name}]"
+        if leaves_of(rec):
+            row += f" [parallel leaves {leaves_of(rec)[1:]}]"
         grouped.setdefault(task, {}).setdefault(row, []).append(rec)
     out = {}
     for task, by_method in grouped.items():
@@ -300,6 +317,7 @@ def paired_with_vanilla(by_method: dict[str, list[Record]], keys: list[str]) -> 
     difference is noise; these counts say what actually moved."""
     vanilla = {str(r.id): r for r in by_method.get("vanilla", [])}
     main = next((key for key, _, _ in MAIN_SCORES if key in keys), None)
+    also = [key for key in PAIRED_ALSO if key in keys and key != main]
     out = {}
     for method, recs in by_method.items():
         pairs = [(vanilla[str(r.id)], r) for r in recs if method != "vanilla" and str(r.id) in vanilla]
@@ -307,12 +325,19 @@ def paired_with_vanilla(by_method: dict[str, list[Record]], keys: list[str]) -> 
             continue
         entry: dict[str, Any] = {"n": len(pairs), "differ": sum(a.response != b.response for a, b in pairs)}
         if main is not None:
-            both = [(score_value(a.scores.get(main)), score_value(b.scores.get(main))) for a, b in pairs]
-            both = [(x, y) for x, y in both if x in (0.0, 1.0) and y in (0.0, 1.0)]
-            up, down = sum(x < y for x, y in both), sum(x > y for x, y in both)
-            entry |= {"score": main, "up": up, "down": down, "p_mcnemar": mcnemar_exact(up, down)}
+            entry |= moved(pairs, main)
+        if also:
+            entry["also"] = [moved(pairs, key) for key in also]
         out[method] = entry
     return out
+
+
+def moved(pairs: list[tuple[Record, Record]], key: str) -> dict[str, Any]:
+    """How many (vanilla, method) pairs went 0 -> 1 and 1 -> 0 on a 0/1 score, with the exact McNemar p."""
+    both = [(score_value(a.scores.get(key)), score_value(b.scores.get(key))) for a, b in pairs]
+    both = [(x, y) for x, y in both if x in (0.0, 1.0) and y in (0.0, 1.0)]
+    up, down = sum(x < y for x, y in both), sum(x > y for x, y in both)
+    return {"score": key, "up": up, "down": down, "p_mcnemar": mcnemar_exact(up, down)}
 
 
 def judge_names(records: list[Record]) -> list[str]:
@@ -380,9 +405,10 @@ def markdown(summary: dict[str, TaskSummary], sources: list[str], n_records: int
                       fmt_mean(ms.forward_passes, 0)]
             lines.append("| " + " | ".join(cells) + " |")
         for method, p in ts.paired.items():
-            moved = (f"; {label(p['score'])} 0 → 1 on {p['up']}, 1 → 0 on {p['down']} "
-                     f"(exact McNemar p = {p['p_mcnemar']:.3g})" if "score" in p else "")
-            lines.append(f"\nPaired with vanilla: {method}: {p['differ']} of {p['n']} answers differ{moved}.")
+            changes = "".join(f"; {label(m['score'])} 0 → 1 on {m['up']}, 1 → 0 on {m['down']} "
+                              f"(exact McNemar p = {m['p_mcnemar']:.3g})" for m in [p, *p.get("also", [])]
+                              if "score" in m)
+            lines.append(f"\nPaired with vanilla: {method}: {p['differ']} of {p['n']} answers differ{changes}.")
         lines += ["", f"Judges: {'; '.join(ts.judges) or 'not recorded'}. "
                       f"Model{'s' if len(ts.models) > 1 else ''}: {', '.join(ts.models) or 'not recorded'}.", ""]
     lines += ["## Plots", "", *(f"- {note}" for note in plot_notes), ""]

@@ -144,7 +144,8 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
                     "rain and best-of-n")
     ev.add_argument("--out", default=None, help="results file, JSON lines (default results/TASK-MODEL.jsonl)")
     ev.add_argument("--data", default=None, help="data file or Hugging Face dataset name (default: $RAIN_DATA_DIR "
-                    "or ../shared/data next to the repository)")
+                    "or ../shared/data next to the repository); for selfeval any labelled pairs: HH chosen/rejected "
+                    "transcripts, prompt + chosen + rejected, or prompt + a + b + label (a or b)")
     ev.add_argument("--variant", default=None, help="advbench suffixes: none, smoothllm, jbb-vicuna, jbb-llama2")
     ev.add_argument("--limit", type=int, default=None, help="first N prompts (of this shard)")
     ev.add_argument("--shard", default=None, help="i/n: the i-th of n disjoint shards (0-based)")
