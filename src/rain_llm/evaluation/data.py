@@ -367,7 +367,7 @@ def _selfeval(raw: Any, origin: str) -> list[Example]:
         if "a" in row or "b" in row or ("label" in row and "chosen" not in row):
             _require(row, ("prompt", "a", "b", "label"), origin, i)
             chosen, rejected = _labelled_pair(row, origin, i)
-            used = ("id", "prompt", "a", "b", "label")
+            used: tuple[str, ...] = ("id", "prompt", "a", "b", "label")
             meta: dict[str, Any] = {"chosen": chosen, "rejected": rejected, "label": _text(row["label"]).strip()}
             prompt = _text(row["prompt"]).strip()
         elif "prompt" in row:

@@ -199,9 +199,10 @@ def task_prompt(task: str, ex: Example) -> str:
 
 
 def selfeval_record(rain: Rain, ex: Example, cfg: RainConfig,
-                    compute: Compute) -> tuple[dict[str, float | None], dict[str, Any]]:
+                    compute: Compute) -> tuple[dict[str, float | None], dict[str, Any], dict[str, Any]]:
     """Pairwise accuracy of the self-evaluator on a chosen/rejected pair, in each option order (both
-    answers scored in one batch; `compute` is charged the work)."""
+    answers scored in one batch; `compute` is charged the work): scores, what goes in the record's
+    meta (the probabilities), the judge's identity."""
     evaluator = rain.value_source(cfg).bind(ex.prompt)
     if not isinstance(evaluator, SelfEvaluator):
         raise RainError("selfeval measures the model's self-evaluation: use --value self")
@@ -220,12 +221,13 @@ def selfeval_record(rain: Rain, ex: Example, cfg: RainConfig,
     gc = [good(pc, 0), good(pc, 1)]
     gr = [good(pr, 0), good(pr, 1)]
     vc, vr = value_from_probabilities(pc, cfg.value_mode), value_from_probabilities(pr, cfg.value_mode)
-    scores = {"accuracy": beats(vc, vr), "accuracy_good_first": beats(gc[0], gr[0]),
-              "accuracy_bad_first": beats(gc[1], gr[1]), "accuracy_mean": beats(sum(gc), sum(gr))}
-    meta = {"p_good_chosen": gc, "p_good_rejected": gr, "value_chosen": vc, "value_rejected": vr}
-    ident = {"selfeval": {"name": f"self-evaluation ({cfg.template}, {cfg.value_mode})",
+    scores: dict[str, float | None] = {"accuracy": beats(vc, vr), "accuracy_good_first": beats(gc[0], gr[0]),
+                                       "accuracy_bad_first": beats(gc[1], gr[1]),
+                                       "accuracy_mean": beats(sum(gc), sum(gr))}
+    meta: dict[str, Any] = {"p_good_chosen": gc, "p_good_rejected": gr, "value_chosen": vc, "value_rejected": vr}
+    ident: dict[str, Any] = {"selfeval": {"name": f"self-evaluation ({cfg.template}, {cfg.value_mode})",
                           "template": evaluator.template.text}}
-    return scores | {"_meta": meta}, ident  # type: ignore[return-value]
+    return scores, meta, ident
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -325,10 +327,11 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
         if settings.variant:
             meta["variant"] = settings.variant  # rain report keeps AdvBench variants apart (their ids coincide)
         method_config: dict[str, Any] = {}
+        gen_stats: dict[str, Any]
         if task == "selfeval":
             compute = Compute()  # this pair's work only
-            scores, idents = selfeval_record(rain, ex, cfg, compute)
-            meta |= scores.pop("_meta")  # type: ignore[arg-type]
+            scores, pair_meta, idents = selfeval_record(rain, ex, cfg, compute)
+            meta |= pair_meta
             response, gen_stats = "", {"answer_tokens": 0, "compute": compute.to_dict()}
         else:
             args = best_of_n_args(ex) if method == "best-of-n" else {}
@@ -399,7 +402,9 @@ def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainCo
             if best_of_n is None:
                 yield str(ex.id), task_prompt(task, ex), cfg
             else:
-                yield rain.answer(str(ex.id), task_prompt(task, ex), cfg, **best_of_n(ex))
+                args = best_of_n(ex)
+                yield rain.answer(str(ex.id), task_prompt(task, ex), cfg, best_of_n=args["best_of_n"],
+                                  best_of_n_tokens=args.get("best_of_n_tokens"))
 
     for step in rain.continuous_batch().drain(joining(), batch):
         for key, gen in step.finished.items():

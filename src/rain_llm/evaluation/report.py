@@ -334,8 +334,8 @@ def paired_with_vanilla(by_method: dict[str, list[Record]], keys: list[str]) -> 
 
 def moved(pairs: list[tuple[Record, Record]], key: str) -> dict[str, Any]:
     """How many (vanilla, method) pairs went 0 -> 1 and 1 -> 0 on a 0/1 score, with the exact McNemar p."""
-    both = [(score_value(a.scores.get(key)), score_value(b.scores.get(key))) for a, b in pairs]
-    both = [(x, y) for x, y in both if x in (0.0, 1.0) and y in (0.0, 1.0)]
+    values = [(score_value(a.scores.get(key)), score_value(b.scores.get(key))) for a, b in pairs]
+    both = [(x, y) for x, y in values if x is not None and y is not None and x in (0.0, 1.0) and y in (0.0, 1.0)]
     up, down = sum(x < y for x, y in both), sum(x > y for x, y in both)
     return {"score": key, "up": up, "down": down, "p_mcnemar": mcnemar_exact(up, down)}
 
@@ -423,7 +423,7 @@ def write_csv(summary: dict[str, TaskSummary], path: Path) -> None:
         writer.writeheader()
         for task, ts in summary.items():
             for method, ms in ts.methods.items():
-                rows = [(k, label(k), e) for k, e in ms.scores.items()]
+                rows: list[tuple[str, str, Estimate | None]] = [(k, label(k), e) for k, e in ms.scores.items()]
                 rows += [("seconds", "seconds / answer", ms.seconds),
                          ("answer_tokens", "answer tokens", ms.answer_tokens),
                          ("forward_tokens", "forward tokens / answer", ms.forward_tokens),
@@ -495,8 +495,8 @@ def plot_harmless_vs_helpful(summary: dict[str, TaskSummary], path: Path) -> str
         choice = task_measure(ts, HARMLESSNESS)
         if choice is None:
             continue
-        points = [(m, ms.scores["helpful"], measure(ms, choice)) for m, ms in ts.methods.items()
-                  if "helpful" in ms.scores and measure(ms, choice)]
+        points = [(m, ms.scores["helpful"], y) for m, ms in ts.methods.items()
+                  if "helpful" in ms.scores and (y := measure(ms, choice)) is not None]
         if points:
             panels.append((task, choice[2], points))
     if not panels:
