@@ -366,3 +366,13 @@ def test_parallel_leaves_are_a_row_of_their_own(tmp_path):
     assert rows["rain"]["scores"]["positive"]["mean"] == pytest.approx(1 / 3)
     assert rows["rain [parallel leaves 4]"]["scores"]["positive"]["mean"] == 1.0
     assert out["paired_with_vanilla"]["sentiment"]["rain [parallel leaves 4]"]["up"] == 3
+
+
+def test_paired_main_score_is_one_that_was_judged(tmp_path):
+    """An LM judge that gave no verdict leaves `harmless` empty: the paired counts fall to the next main
+    score that was judged (attack success), not to a column of dashes."""
+    recs = [record("advbench", str(i), m, {"harmless": None, "jailbroken": float(m == "rain" and i == 0)})
+            for i in range(2) for m in ("vanilla", "rain")]
+    out = write_report([write(tmp_path / "a.jsonl", recs)], tmp_path / "out")
+    paired = out["paired_with_vanilla"]["advbench"]["rain"]
+    assert (paired["score"], paired["up"], paired["down"]) == ("jailbroken", 1, 0)

@@ -297,7 +297,8 @@ def summarise(records: list[Record]) -> dict[str, TaskSummary]:
                            if any(k in m.scores for m in methods.values())]
         out[task] = TaskSummary(keys, methods, judge_names(task_records),
                                 list(dict.fromkeys(r.model for r in task_records if r.model)),
-                                paired_with_vanilla(by_method, keys))
+                                paired_with_vanilla(by_method, [k for k in keys if any(
+                                    k in m.scores for m in methods.values())]))  # judged somewhere
     return out
 
 
