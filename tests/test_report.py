@@ -376,3 +376,18 @@ def test_paired_main_score_is_one_that_was_judged(tmp_path):
     out = write_report([write(tmp_path / "a.jsonl", recs)], tmp_path / "out")
     paired = out["paired_with_vanilla"]["advbench"]["rain"]
     assert (paired["score"], paired["up"], paired["down"]) == ("jailbroken", 1, 0)
+
+
+def test_forward_passes_of_answers_a_server_ran_are_unknown_not_zero():
+    """A vLLM server reports tokens, not forward passes: such records count as unknown forward passes
+    (no mean of zeros), while the local embedder's phase alone does not make a record unknown."""
+    from rain_llm.evaluation.report import compute_total
+
+    local = record("advbench", "a", "vanilla", {"jailbroken": 1.0})
+    served = record("advbench", "b", "vanilla", {"jailbroken": 1.0})
+    served.compute = {"generate": {"forward_passes": 0, "tokens": 90}, "embed": {"forward_passes": 3, "tokens": 9},
+                      "total": {"forward_passes": 3, "tokens": 99}}
+    assert compute_total(local, "forward_passes") == 20
+    assert compute_total(served, "forward_passes") is None and compute_total(served, "tokens") == 99
+    assert summarise([served])["advbench"].methods["vanilla"].forward_passes is None
+    assert summarise([local])["advbench"].methods["vanilla"].forward_passes is not None

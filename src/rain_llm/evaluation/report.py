@@ -210,7 +210,13 @@ def score_value(value: Any) -> float | None:
 
 
 def compute_total(rec: Record, what: str) -> float | None:
-    """A total of the answer's recorded compute: "tokens" processed or "forward_passes"."""
+    """A total of the answer's recorded compute: "tokens" processed or "forward_passes" (None where
+    unknown: a language-model phase with tokens but no forward passes ran on a server, which does not
+    report them)."""
+    if what == "forward_passes" and isinstance(rec.compute, dict) and any(
+            isinstance(c, dict) and c.get("tokens") and not c.get("forward_passes")
+            for name, c in rec.compute.items() if name not in ("total", "least_work", "embed")):
+        return None
     total = rec.compute.get("total") if isinstance(rec.compute, dict) else None
     tokens = total.get(what) if isinstance(total, dict) else None
     return float(tokens) if isinstance(tokens, (int, float)) else None
