@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from rain_llm.evaluation.data import load_examples, select
     from rain_llm.evaluation.harness import task_prompt
     from rain_llm.evaluation.pairs import lexicon_scores, sentiment_pairs
-    from rain_llm.runtime.backend import Row, SampleRows, run_requests
+    from rain_llm.runtime.backend import Row, SampleRows
+    from rain_llm.runtime.scheduler import run_requests
     from rain_llm.shells.cli import set_threads
 
     try:
