@@ -40,3 +40,44 @@ def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
 def test_bench_bad_method(capsys):
     assert main(["bench", "--methods", "vanilla,magic"]) == 2
     assert "unknown bench method" in capsys.readouterr().err
+
+
+def _drafter_potential():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "drafter_potential.py"
+    spec = importlib.util.spec_from_file_location("drafter_potential", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def test_verify_rounds_counts_forwards_of_exact_speculation():
+    verify_rounds = _drafter_potential()[0].verify_rounds
+    assert verify_rounds([False] * 5, 4) == (5, 20)  # nothing accepted: one token per forward
+    assert verify_rounds([True] * 8, 4) == (2, 8)  # 4 accepted + the target's next token, twice
+    assert verify_rounds([True, True, False, True, True], 4) == (2, 8)  # 2 + its own, then the rest
+    assert verify_rounds([True] * 3, 8) == (1, 8)
+
+
+def test_a_model_drafting_for_itself_is_accepted_everywhere(tmp_path, default_model_dir):
+    """The premise of exact speculation, on real searches: fed a decoded row in one forward, the model
+    picks every token the row drew, from the same uniforms (so its own drafts are always accepted and
+    a verifier's one forward reproduces what step-by-step decoding drew)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "drafter.json"
+    path = _drafter_potential()[1]
+    proc = subprocess.run([sys.executable, str(path), "--target", str(default_model_dir), "--drafter",
+                           str(default_model_dir), "--dtype", "float32", "--prompts", "1", "--max-new-tokens", "4",
+                           "--t-max", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["expansions"] > 0 and data["rows"]
+    for kind, s in data["rows"].items():
+        assert s["tokens"] > 0, kind
+        assert s["accepted"] == s["tokens"] and s["target_refeed_differs"] == 0, (kind, s)
+    steps = data["sequential_steps_per_expansion_sum"]
+    assert steps["k4"] < steps["plain"]
