@@ -172,7 +172,8 @@ def main() -> None:
     for kind, s in kinds.items():
         per_k = "  ".join(f"k={k}: {s[f'k{k}_forwards']} forwards" for k in ks)
         print(f"{kind:9s} rows {s['rows']:4d}  tokens {s['tokens']:5d}  drafter agrees {s['accepted']:5d} "
-              f"({s['accepted'] / max(s['tokens'], 1):.0%})  first token {s['first_accepted'] / max(s['rows'], 1):.0%}  "
+              f"({s['accepted'] / max(s['tokens'], 1):.0%})  "
+              f"first token {s['first_accepted'] / max(s['rows'], 1):.0%}  "
               f"plain {s['tokens']} forwards  {per_k}  target re-fed differs {s['target_refeed_differs']}")
     print(f"expansions {len(expansions)}, iterations {iterations}: sequential target forwards (the longest row of "
           f"each expansion, summed) plain {steps['plain']}, " +
