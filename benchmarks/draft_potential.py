@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--t-max", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rollout-temperature", type=float, default=1.0, help="0: greedy rollouts (an opt-in)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     import torch
@@ -97,7 +98,7 @@ def main() -> None:
     rain_env.RainEnv._expand = expand  # type: ignore[method-assign]
     rain = Rain.load()
     cfg = load_config("paper-hh", max_new_tokens=args.max_new_tokens, t_max=args.t_max, value_threshold=2.0,
-                      fresh_iterations=0)
+                      fresh_iterations=0, rollout_temperature=args.rollout_temperature)
     iterations = 0
     for prompt in bench_prompts(args.prompts):
         out = rain.generate(prompt, cfg)
