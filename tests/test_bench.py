@@ -34,6 +34,14 @@ def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
     assert s["rain-no-reuse"]["lm_tokens_over_least_work"] > s["rain"]["lm_tokens_over_least_work"]
     for phase in ("expand", "evaluate"):
         assert s["rain"]["phases"][phase]["forward_passes"] > 0
+    for rec in runs["rain"]:  # the language model's forwards: all but the embedder's, each once
+        phases = rec["compute"]
+        lm = rec["lm_forward_passes"]
+        assert max(c["forward_passes"] for p, c in phases.items() if p not in ("total", "least_work", "embed")) <= lm
+        assert lm < rec["forward_passes"] and rec["iterations"] > 0
+    assert s["rain"]["lm_forward_passes_per_iteration"] > 1  # a decode step and an evaluation at least
+    assert s["vanilla"]["lm_forward_passes_per_iteration"] is None  # no search
+    assert "LM forward passes per search iteration" in printed
     assert data["machine"]["torch"] and data["config"]["value_threshold"] == 2.0
 
 

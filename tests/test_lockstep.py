@@ -294,6 +294,9 @@ def test_receipts_count_every_forward_the_model_ran(tiny_rain):
             tokens = sum(c.tokens for a in answers for name, c in a.stats.compute.phases.items() if name != "embed")
             assert len(forwards) == len(ran), prompts
             assert tokens == sum(ran), prompts
+            assert Compute.merged(a.stats.compute for a in answers).lm_forwards == len(ran), prompts
+            if len(prompts) == 1:  # what `rain bench` reports per answer
+                assert answers[0].stats.compute.to_dict()["total"]["lm_forward_passes"] == len(ran)
     finally:
         hook.remove()
 

@@ -107,6 +107,12 @@ class Compute:
         return sum(c.tokens for name, c in self.phases.items() if name != "embed")
 
     @property
+    def lm_forwards(self) -> int:
+        """Forward passes of the language models (every phase but the embedder's), each counted once:
+        with one answer in flight, the sequential forwards its search took."""
+        return len(set().union(*(c.forwards for name, c in self.phases.items() if name != "embed")))
+
+    @property
     def least_work(self) -> int:
         return self.least.tokens + self.least_tokens
 
@@ -118,11 +124,13 @@ class Compute:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of `stats["compute"]`: per phase requests, forward passes, tokens and seconds;
-        the total (a forward pass serving several phases counts once); the least work."""
+        the total (a forward pass serving several phases counts once; the language models' alone too);
+        the least work."""
         out: dict[str, Any] = {name: {"requests": c.requests, "forward_passes": c.forward_passes, "tokens": c.tokens,
                                       "seconds": round(c.seconds, 4)} for name, c in sorted(self.phases.items())}
         total = self.total()
-        out["total"] = {"forward_passes": total.forward_passes, "tokens": total.tokens}
+        out["total"] = {"forward_passes": total.forward_passes, "tokens": total.tokens,
+                        "lm_forward_passes": self.lm_forwards}
         if self.least_work:
             out["least_work"] = {"tokens": self.least_work}
         return out

@@ -177,6 +177,8 @@ def _record(prompts: list[str], outs: list[Any], seconds: float, compute: dict[s
     least = sum(o.stats.compute.least_work for o in outs)
     return {"prompts": prompts, "answer_tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
             "forward_passes": compute["total"]["forward_passes"], "tokens": compute["total"]["tokens"],
+            "lm_forward_passes": compute["total"].get("lm_forward_passes", 0),
+            "iterations": sum(o.stats.iterations for o in outs),
             "lm_tokens": compute["total"]["tokens"] - embed_tokens, "least_work": least,
             "iterations_per_step": [x for o in outs for x in o.stats.iterations_per_step],
             "compute": compute, "texts": [o.text for o in outs], "final_values": values}
@@ -218,6 +220,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | N
             "answer_tokens": answer,
             "seconds_per_token": sum(r["seconds"] for r in recs) / answer,
             "forward_passes_per_token": sum(r["forward_passes"] for r in recs) / answer,
+            "lm_forward_passes_per_token": sum(r["lm_forward_passes"] for r in recs) / answer,
+            "lm_forward_passes_per_iteration": (sum(r["lm_forward_passes"] for r in recs) / iterations
+                                                if (iterations := sum(r["iterations"] for r in recs)) else None),
             "tokens_per_token": sum(r["tokens"] for r in recs) / answer,
             "lm_tokens_over_least_work": sum(r["lm_tokens"] for r in recs) / least if least else None,
             "iterations_per_step": statistics.mean(its) if its else None,
@@ -262,6 +267,13 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     for name, s in summary.items():
         parts = [f"{p} {c['forward_passes']}/{c['tokens']}/{c['seconds']:.2f}" for p, c in sorted(s["phases"].items())]
         lines.append(f"  {name:14s} " + ", ".join(parts))
+    searched = {name: s for name, s in summary.items()
+                if s.get("lm_forward_passes_per_iteration") is not None and "requests_per_token" not in s}
+    if searched:  # with one answer in flight, these forwards run one after another
+        lines.append("LM forward passes per search iteration / per answer token:")
+        for name, s in searched.items():
+            per_iteration, per_token = s["lm_forward_passes_per_iteration"], s["lm_forward_passes_per_token"]
+            lines.append(f"  {name:14s} {per_iteration:.2f} / {per_token:.2f}")
     return "\n".join(lines)
 
 
