@@ -121,7 +121,8 @@ def test_bench_table_has_no_nan():
     from rain_llm.shells.bench import summarise, table
 
     record = {"answer_tokens": 4, "seconds": 1.0, "forward_passes": 4, "tokens": 40, "lm_tokens": 40, "least_work": 0,
-              "lm_forward_passes": 4, "iterations": 0, "iterations_per_step": [], "compute": {"generate": {"forward_passes": 4, "tokens": 40, "seconds": 1.0}},
+              "lm_forward_passes": 4, "iterations": 0, "iterations_per_step": [],
+              "compute": {"generate": {"forward_passes": 4, "tokens": 40, "seconds": 1.0}},
               "final_values": [None]}
     text = table(summarise({"vanilla": [record]}))
     assert "nan" not in text and " - " in text
