@@ -289,7 +289,7 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     answers: dict[str, dict[str, str]] = {}  # id -> method -> response, for pairwise comparisons
     for r in existing:
         if r.method in spent:
-            spent[r.method][str(r.id)] = r.compute.get("total", {}).get("tokens", 0)
+            spent[r.method][str(r.id)] = lm_tokens(r.compute)
         answers.setdefault(str(r.id), {})[r.method] = r.response
 
     from tqdm import tqdm
@@ -348,7 +348,7 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
                 if "best_of_n_tokens" in args:
                     method_config["budget_tokens"] = args["best_of_n_tokens"]
             if method in spent:
-                spent[method][str(ex.id)] = gen.stats.compute.total().tokens
+                spent[method][str(ex.id)] = gen.stats.compute.lm_tokens
             response, gen_stats = gen.text, gen.stats.to_dict()
             assert judging is not None
             scores, idents = judging.score(ex, response)
@@ -412,6 +412,13 @@ def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainCo
 
 
 MATCH_CAP = 64  # most samples --best-of-n match draws
+
+
+def lm_tokens(compute: dict[str, Any]) -> int:
+    """Token positions the language models processed, from a record's compute (every phase but the
+    sentence embedder's: a 22M-parameter MiniLM's tokens are not the policy's)."""
+    return sum(c.get("tokens", 0) for name, c in compute.items()
+               if name not in ("total", "least_work", "embed") and isinstance(c, dict))
 
 
 def match_budget(rain_tokens: int | None) -> int:
