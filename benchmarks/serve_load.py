@@ -45,7 +45,7 @@ from rain_llm import Rain, load_config
 from rain_llm.shells.bench import bench_prompts
 from rain_llm.shells.protocol import Limits
 from rain_llm.shells.server import RainServer
-from rain_llm.shells.worker import Worker
+from rain_llm.shells.worker import HoldingWorker
 
 PRESET = "fast"
 
@@ -127,26 +127,6 @@ class RssSampler(threading.Thread):
 
             out["peak_rss_mib"] = mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         return out
-
-
-class HoldingWorker(Worker):
-    """The server's worker with admission paused on request (`hold` / `release`): requests sent while
-    held queue or are refused, and none starts, so the queue bound alone decides who is answered."""
-
-    def __init__(self, server: RainServer):
-        super().__init__(server)
-        self.open = threading.Event()
-        self.open.set()
-
-    def admitting(self) -> bool:
-        return self.open.is_set()
-
-    def hold(self) -> None:
-        self.open.clear()
-
-    def release(self) -> None:
-        self.open.set()
-        self.wake.set()
 
 
 class QueueWatcher(threading.Thread):

@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 import openai
 
 from rain_llm.shells.server import RainServer
-from rain_llm.shells.worker import Worker
+from rain_llm.shells.worker import HoldingWorker
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a story about a dragon."]
 SEARCH = {"t_max": 3, "t_min": 2, "max_rollout_tokens": 6}
@@ -40,23 +40,28 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = WAIT
         time.sleep(0.01)
 
 
-class HoldingWorker(Worker):
-    """The server's worker with admission a test can pause: requests sent while held start together."""
+def sent_rounds(monkeypatch) -> tuple[list[int], list[int]]:
+    """Count the continuous batch's rounds and note the round of each piece of streamed text the
+    worker sends: ([rounds so far], [round of each send]), filled as the server runs."""
+    from rain_llm.api import ContinuousBatch
+    from rain_llm.shells import worker
 
-    def __init__(self, server: RainServer):
-        super().__init__(server)
-        self.open = threading.Event()
-        self.open.set()
+    rounds, sent = [0], []
+    step, send = ContinuousBatch.step, worker.Pending.send
 
-    def admitting(self) -> bool:
-        return self.open.is_set()
+    def counted_step(self):
+        rounds[0] += 1
+        return step(self)
 
-    def hold(self) -> None:
-        self.open.clear()
+    def logged_send(self, text):
+        before = self.sent
+        send(self, text)
+        if self.sent != before:
+            sent.append(rounds[0])
 
-    def release(self) -> None:
-        self.open.set()
-        self.wake.set()
+    monkeypatch.setattr(ContinuousBatch, "step", counted_step)
+    monkeypatch.setattr(worker.Pending, "send", logged_send)
+    return rounds, sent
 
 
 @contextmanager

@@ -277,3 +277,23 @@ class Worker(threading.Thread):
         pending.send(text)
         pending.emit(("done", generation, finish, text))
 
+
+class HoldingWorker(Worker):
+    """The worker with admission that can be paused (`hold` / `release`): requests sent while held
+    queue or are refused and none starts, so they start together, or the queue bound alone decides
+    who is answered (the server's tests and benchmarks/serve_load.py)."""
+
+    def __init__(self, server: RainServer):
+        super().__init__(server)
+        self.open = threading.Event()
+        self.open.set()
+
+    def admitting(self) -> bool:
+        return self.open.is_set()
+
+    def hold(self) -> None:
+        self.open.clear()
+
+    def release(self) -> None:
+        self.open.set()
+        self.wake.set()
