@@ -35,6 +35,7 @@ from server_helpers import (
     events,
     raw,
     raw_bytes,
+    sent_rounds,
     wait_until,
 )
 
@@ -100,25 +101,7 @@ def test_stream_sends_text_as_the_search_commits_it(server, tiny_rain, monkeypat
     """RAIN never revises a commit, so a streamed answer arrives step by step: the worker sends
     each piece of text in the round its search commits it (several rounds apart, the first long
     before the answer is done), and the pieces add up to the answer `rain generate` gives."""
-    from rain_llm.api import ContinuousBatch
-    from rain_llm.shells import worker as server_module
-
-    events: list[tuple[str, int]] = []
-    rounds = [0]
-    step, send = ContinuousBatch.step, server_module.Pending.send
-
-    def counted_step(self):
-        rounds[0] += 1
-        return step(self)
-
-    def logged_send(self, text):
-        before = self.sent
-        send(self, text)
-        if self.sent != before:
-            events.append(("delta", rounds[0]))
-
-    monkeypatch.setattr(ContinuousBatch, "step", counted_step)
-    monkeypatch.setattr(server_module.Pending, "send", logged_send)
+    rounds, delta_rounds = sent_rounds(monkeypatch)
     settings = {**SEARCH, "t_max": 4, "value_threshold": 2.0}
     stream = ask(server, PROMPTS[2], max_tokens=24, stream=True, extra_body={"rain": settings})
     chunks = list(stream)
@@ -126,7 +109,6 @@ def test_stream_sends_text_as_the_search_commits_it(server, tiny_rain, monkeypat
     expected = tiny_rain.generate(PROMPTS[2], load_config("fast", max_new_tokens=24, **settings))
     assert "".join(contents) == expected.text
     assert len(contents) >= 3 and len(expected.stats.iterations_per_step) >= 3
-    delta_rounds = [r for _, r in events]
     assert len(set(delta_rounds)) >= 3  # sent in different rounds, as the search committed
     assert delta_rounds[0] < rounds[0] / 2  # the first piece long before the last round
     last = chunks[-1]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from rain_llm import load_config
-from server_helpers import PROMPTS, SEARCH, HeldServer, Log, ask, client
+from server_helpers import PROMPTS, SEARCH, HeldServer, Log, ask, client, sent_rounds
 
 LONG = {**SEARCH, "t_max": 4, "value_threshold": 2.0}  # every step searches: several committed token sets
 
@@ -123,24 +123,7 @@ def test_completions_answer_a_plain_prompt(server, tiny_rain):
 def test_vanilla_streams_token_by_token(server, tiny_rain, monkeypatch):
     """A vanilla stream sends text as it decodes, one round (one forward) at a time, not all at the
     end (issue 19, 7): the pieces arrive in many different rounds, the first in the first rounds."""
-    from rain_llm.api import ContinuousBatch
-    from rain_llm.shells import worker
-
-    rounds, sent = [0], []
-    step, send = ContinuousBatch.step, worker.Pending.send
-
-    def counted_step(self):
-        rounds[0] += 1
-        return step(self)
-
-    def logged_send(self, text):
-        before = self.sent
-        send(self, text)
-        if self.sent != before:
-            sent.append(rounds[0])
-
-    monkeypatch.setattr(ContinuousBatch, "step", counted_step)
-    monkeypatch.setattr(worker.Pending, "send", logged_send)
+    rounds, sent = sent_rounds(monkeypatch)
     expected = tiny_rain.generate(PROMPTS[0], load_config("fast", max_new_tokens=16, method="vanilla"))
     chunks = list(ask(server, PROMPTS[0], max_tokens=16, stream=True, extra_body={"rain": {"method": "vanilla"}}))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
