@@ -33,7 +33,7 @@ from rain_llm.config import RainConfig
 from rain_llm.errors import EngineError, EngineUnavailable, RainError
 from rain_llm.evaluation.data import load_examples, select
 from rain_llm.evaluation.records import TASKS, Example, Record, read_records
-from rain_llm.runtime.accounting import Compute
+from rain_llm.runtime.accounting import Compute, lm_tokens_of
 from rain_llm.runtime.scheduler import Failure, run_requests
 from rain_llm.values.templates import SelfEvaluator, value_from_probabilities
 
@@ -289,7 +289,7 @@ def run_eval(rain: Rain, cfg: RainConfig, settings: EvalSettings) -> dict[str, A
     answers: dict[str, dict[str, str]] = {}  # id -> method -> response, for pairwise comparisons
     for r in existing:
         if r.method in spent:
-            spent[r.method][str(r.id)] = lm_tokens(r.compute)
+            spent[r.method][str(r.id)] = lm_tokens_of(r.compute)
         answers.setdefault(str(r.id), {})[r.method] = r.response
 
     from tqdm import tqdm
@@ -412,13 +412,6 @@ def answer_continuously(rain: Rain, task: str, items: list[Example], cfg: RainCo
 
 
 MATCH_CAP = 64  # most samples --best-of-n match draws
-
-
-def lm_tokens(compute: dict[str, Any]) -> int:
-    """Token positions the language models processed, from a record's compute (every phase but the
-    sentence embedder's: a 22M-parameter MiniLM's tokens are not the policy's)."""
-    return sum(c.get("tokens", 0) for name, c in compute.items()
-               if name not in ("total", "least_work", "embed") and isinstance(c, dict))
 
 
 def match_budget(rain_tokens: int | None) -> int:

@@ -134,3 +134,10 @@ class Compute:
         if self.least_work:
             out["least_work"] = {"tokens": self.least_work}
         return out
+
+
+def lm_tokens_of(compute: dict[str, Any]) -> int:
+    """`Compute.lm_tokens` read back from its JSON shape (`to_dict`, e.g. a stored record): every
+    phase's tokens but the sentence embedder's."""
+    return sum(c.get("tokens", 0) for name, c in compute.items()
+               if name not in ("total", "least_work", "embed") and isinstance(c, dict))

@@ -30,7 +30,7 @@ import torch
 from rain_llm.api import Generation, Rain, raise_failure
 from rain_llm.config import RainConfig
 from rain_llm.evaluation.data import default_data_dir
-from rain_llm.runtime.accounting import Compute
+from rain_llm.runtime.accounting import Compute, lm_tokens_of
 
 if TYPE_CHECKING:
     from rain_llm.engine.vllm import VLLMBackend
@@ -173,13 +173,12 @@ def run_continuous(rain: Rain, cfg: RainConfig, prompts: list[str], batch: int, 
 def _record(prompts: list[str], outs: list[Any], seconds: float, compute: dict[str, Any],
             values: list[float | None]) -> dict[str, Any]:
     """One bench record: `compute` is all the work of the run; least work is each answer's, summed."""
-    embed_tokens = compute.get("embed", {}).get("tokens", 0)
     least = sum(o.stats.compute.least_work for o in outs)
     return {"prompts": prompts, "answer_tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
             "forward_passes": compute["total"]["forward_passes"], "tokens": compute["total"]["tokens"],
             "lm_forward_passes": compute["total"].get("lm_forward_passes", 0),
             "iterations": sum(o.stats.iterations for o in outs),
-            "lm_tokens": compute["total"]["tokens"] - embed_tokens, "least_work": least,
+            "lm_tokens": lm_tokens_of(compute), "least_work": least,
             "iterations_per_step": [x for o in outs for x in o.stats.iterations_per_step],
             "compute": compute, "texts": [o.text for o in outs], "final_values": values}
 
