@@ -73,6 +73,16 @@ def test_invalid_config_values(capsys, flags, words, default_model_dir):
     assert_one_line_error(*run(capsys, *flags, "--max-new-tokens", "2", "hi"), *words)
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--speculate", "-1"], ["invalid speculate -1"]),
+    (["--speculate", "4", "--engine", "vllm", "--engine-url", "http://127.0.0.1:9"], ["--speculate",
+                                                                                      "transformers engine only"]),
+])
+def test_speculation_that_cannot_run(capsys, flags, words):
+    """Refused before any model loads or any server is asked."""
+    assert_one_line_error(*run(capsys, *flags, "hi"), *words)
+
+
 def test_unknown_key_in_config_file(capsys, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("t_max = 4\nno_such_key = 1\n")

@@ -481,3 +481,73 @@ def test_rows_with_the_same_tokens_are_computed_once(tiny, tokenizer, ctx):
     # prefill once, then the greedy path once and the sampled path once (shared with greedy until they differ)
     fed_sampled = len(out[3].tokens) - 1 - min(diverge, len(out[3].tokens) - 1)
     assert many.work.tokens == fed_alone + fed_sampled
+
+
+def test_prefix_cache_continuation_follows_what_was_run_after_the_tokens():
+    from rain_llm.engine.hf.cache import Chunk, PrefixCache
+
+    tree = PrefixCache()
+    a = Chunk((1, 2, 3), None, None)
+    tree.root.add(a)
+    a.add(Chunk((4, 5), None, None))
+    a.add(Chunk((6, 7, 8, 9), None, None))  # the longer branch is followed
+    assert tree.continuation([1, 2, 3], 10) == [6, 7, 8, 9]
+    assert tree.continuation([1, 2], 10) == [3, 6, 7, 8, 9]  # from inside a chunk
+    assert tree.continuation([1, 2, 3, 4], 10) == [5]
+    assert tree.continuation([1, 2, 3, 6, 7], 1) == [8]  # at most `limit`
+    assert tree.continuation([1, 2, 3, 4, 5], 10) == []  # nothing ran after them
+    assert tree.continuation([1, 3], 10) == [] and tree.continuation([9], 10) == []
+    assert [len(c.tokens) for c in tree.root.children[1]] == [3]  # nothing was split
+
+
+def test_speculation_decodes_the_tokens_of_one_token_per_forward(tiny, tokenizer, ctx):
+    """Rows verifying drafts from the prefix tree (speculate on) get the tokens and log-probabilities
+    of one token per forward: drafts accepted whole, in part (rows of one slot accepting different
+    lengths), rejected at once, started inside a stored chunk, and joining a running stream; in fewer
+    forwards; and what they store in the prefix tree is exact."""
+    _, model = tiny
+    rng = np.random.default_rng(11)
+    first = rng.random((3, 10))
+    again = rng.random((5, 10))
+    again[0] = first[0]  # the same row: its draft is accepted whole
+    again[1, :3] = first[1, :3]  # the same first three tokens, then (likely) another path
+    again[2, :2] = first[0, :2]  # shares a slot with row 0 for two tokens, then leaves it
+    rows = [Row(10, 1.0, 15) for _ in range(3)]
+
+    def run(speculate):
+        eng = make(model, tokenizer)
+        eng.engine.codec.stop_ids = frozenset()
+        eng.engine.speculate = speculate
+        eng.next_logits(ctx)
+        stored = eng.decode_rows(ctx, rows, first)  # what later drafts come from
+        stream = DecodeStream(eng.engine)
+        stream.join("again", ctx, [Row(10, 1.0, 15) for _ in range(4)] + [Row(10, 1.0, 15, greedy=True)], again,
+                    eng.receipt)
+        stream.join("whole", ctx, [Row(10, 1.0, 15)], first[:1], eng.receipt)  # a stored row again, alone
+        got, done_at = {}, {}
+        for step in range(40):
+            if step == 2:  # joins inside a stored row's chunk: its last token uncached, its draft from the chunk
+                stream.join("inside", ctx + stored[0].tokens[:4], [Row(6, 1.0, 15)], first[0:1, 4:], eng.receipt)
+            for key, request in stream.step().items():
+                got[key], done_at[key] = request.samples(), step
+            if not stream and step > 2:
+                break
+        return eng, stored, got, stream, done_at
+
+    off, _, expected, _, off_done_at = run(0)
+    on, stored, got, stream, done_at = run(6)
+    assert got.keys() == expected.keys() == {"again", "inside", "whole"}
+    for key in got:
+        assert [s.tokens for s in got[key]] == [s.tokens for s in expected[key]], key
+        assert [s.logprob for s in got[key]] == pytest.approx([s.logprob for s in expected[key]], abs=1e-4)
+    assert got["again"][0].tokens == stored[0].tokens and got["inside"][0].tokens == stored[0].tokens[4:]
+    assert got["again"][1].tokens[:3] == stored[1].tokens[:3] and got["again"][2].tokens[:2] == stored[0].tokens[:2]
+    assert 0 < stream.accepted < stream.drafted  # some drafts were accepted, some rejected
+    assert on.receipt.drafted == stream.drafted and on.receipt.accepted == stream.accepted
+    assert got["whole"][0].tokens == stored[0].tokens
+    assert off_done_at["whole"] == 9 and done_at["whole"] == 2  # ten picks: 1 + 6 per forward + 3
+    assert done_at["inside"] < off_done_at["inside"]
+    for s in got["again"] + got["inside"]:
+        context = ctx if s in got["again"] else ctx + stored[0].tokens[:4]
+        ids = context + s.tokens[:-1]
+        assert np.abs(on.next_logits(ids) - full_logits(model, ids)).max() < TOL

@@ -272,23 +272,27 @@ def test_best_of_n_to_a_token_budget_samples_in_waves_and_stops_there(tiny_rain)
         tiny_rain.generate(PROMPTS[0], config, best_of_n_tokens=100)
 
 
-def test_receipts_count_every_forward_the_model_ran(tiny_rain):
+@pytest.mark.parametrize("speculate", [0, 8])
+def test_receipts_count_every_forward_the_model_ran(tiny_llama, tokenizer, embedder, speculate):
     """Every forward of the language model, and every token position it ran, is on exactly one
     answer's receipts (counted by hooking the model itself): alone, in a batch, and with rows of
-    different requests sharing slots (rollouts and candidate sets that start alike)."""
+    different requests sharing slots (rollouts and candidate sets that start alike); with
+    speculation off and on (greedy rollouts: drafts are fed and accepted)."""
     import torch
 
+    rain = Rain(tiny_llama, tokenizer, embedder=embedder, name="tiny", speculate=speculate)
     ran: list[int] = []  # rows x positions of each forward
 
     def count(module, args, kwargs, output):
         ran.append(int(kwargs["input_ids"].numel()))
 
-    hook = tiny_rain.model.register_forward_hook(count, with_kwargs=True)
+    hook = tiny_llama.register_forward_hook(count, with_kwargs=True)
     try:
         for prompts in (PROMPTS[:1], PROMPTS):
             ran.clear()
             with torch.inference_mode():
-                answers = tiny_rain.generate_many(prompts, cfg(max_new_tokens=10, token_set_lengths=(1, 2, 4)))
+                answers = rain.generate_many(prompts, cfg(max_new_tokens=10, token_set_lengths=(1, 2, 4),
+                                                          rollout_temperature=0.0))
             forwards = set().union(*(c.forwards for a in answers for name, c in a.stats.compute.phases.items()
                                      if name != "embed"))
             tokens = sum(c.tokens for a in answers for name, c in a.stats.compute.phases.items() if name != "embed")
@@ -297,8 +301,30 @@ def test_receipts_count_every_forward_the_model_ran(tiny_rain):
             assert Compute.merged(a.stats.compute for a in answers).lm_forwards == len(ran), prompts
             if len(prompts) == 1:  # what `rain bench` reports per answer
                 assert answers[0].stats.compute.to_dict()["total"]["lm_forward_passes"] == len(ran)
+            drafted = sum(c.drafted for a in answers for c in a.stats.compute.phases.values())
+            assert (drafted > 0) == (speculate > 0), prompts
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("rollout_temperature", [0.0, 1.0])
+def test_speculation_gives_the_same_answers_in_fewer_forwards(tiny_llama, tokenizer, embedder, rollout_temperature):
+    """Drafts from the search's own text, verified exactly: alone and in a batch, the answers (and
+    every search statistic) equal those of one token per forward; with greedy rollouts (which
+    repeat from a node) drafts are accepted and each answer takes fewer sequential forwards."""
+    config = cfg(max_new_tokens=10, rollout_temperature=rollout_temperature)
+    off = Rain(tiny_llama, tokenizer, embedder=embedder, name="tiny")
+    on = Rain(tiny_llama, tokenizer, embedder=embedder, name="tiny", speculate=8)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        plain, verified = off.generate_many(prompts, config), on.generate_many(prompts, config)
+        for a, b in zip(plain, verified):
+            assert b.token_ids == a.token_ids
+            assert b.stats.iterations_per_step == a.stats.iterations_per_step
+            assert b.stats.search == a.stats.search  # nodes, rewinds, similarity updates, ...
+        totals = [g.stats.compute.to_dict()["total"] for g in verified]
+        if rollout_temperature == 0:
+            assert all(t["accepted_draft_tokens"] > 0 for t in totals)
+            assert all(b.stats.compute.lm_forwards < a.stats.compute.lm_forwards for a, b in zip(plain, verified))
 
 
 class RejectedLater:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rain_llm.config import RainConfig
+from rain_llm.config import RainConfig, check_speculate
 from rain_llm.engine.hf.backend import HFBackend
 from rain_llm.engine.hf.engine import HFEngine
 from rain_llm.engine.hf.models import load_model
@@ -56,17 +56,23 @@ class Rain:
     """A model (and the sentence embedder) ready to answer prompts with RAIN, vanilla decoding or
     best-of-n. `model`: a transformers model, run in this process (the default backend); or None
     with `backend`, any other implementation of the backend interface (a remote engine), and
-    `stop_ids`, the ids that end a turn."""
+    `stop_ids`, the ids that end a turn. `speculate`: the most draft tokens (from text the search
+    already produced) a decode row verifies per forward on the transformers engine; answers are the
+    same with it on or off, only the number of forwards changes (0: off)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, embedder: MiniLMEmbedder | None = None,
-                 name: str = "model", backend: Backend | None = None, stop: Sequence[int] | None = None):
+                 name: str = "model", backend: Backend | None = None, stop: Sequence[int] | None = None,
+                 speculate: int = 0):
         if backend is None and model is None:
             raise RainError("Rain needs a model, or a backend that runs one")
+        check_speculate(speculate, remote=backend is not None)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.codec = Codec(tokenizer, stop if stop is not None else stop_ids(model, tokenizer))
-        self.backend: Backend = backend if backend is not None else HFBackend(HFEngine(model, self.codec), name)
+        if backend is None:
+            backend = HFBackend(HFEngine(model, self.codec, speculate=speculate), name)
+        self.backend: Backend = backend
         self._no_reuse: Backend | None = None
         self._embedder = embedder
         self._embedder_backend: EmbedderBackend | None = None
@@ -76,10 +82,11 @@ class Rain:
 
     @classmethod
     def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             device_map: str | None = None) -> Rain:
+             device_map: str | None = None, speculate: int = 0) -> Rain:
         """Load a Hugging Face id, a local folder, a .gguf file, or (None) the bundled default."""
+        check_speculate(speculate, remote=False)
         lm, tok = load_model(model, device=device, dtype=dtype, device_map=device_map)
-        return cls(lm, tok, name=model or "default")
+        return cls(lm, tok, name=model or "default", speculate=speculate)
 
     @classmethod
     def connect(cls, urls: str | Sequence[str], tokenizer: str | None = None, *, key_env: str = "RAIN_ENGINE_KEY",
@@ -99,6 +106,13 @@ class Rain:
                    name=remote.name)
         rain.codec = remote.codec
         return rain
+
+    def speculating(self, speculate: int) -> Rain:
+        """The same weights (and embedder) with caches of their own and `speculate` draft tokens per
+        decode forward: for an A/B of speculation in one process (`rain bench` methods ending -sN)."""
+        check_speculate(speculate, remote=self.model is None)
+        return Rain(self.model, self.tokenizer, embedder=self._embedder, name=self.name, speculate=speculate,
+                    stop=sorted(self.codec.stop_ids))
 
     @property
     def device(self) -> str:

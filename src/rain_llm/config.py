@@ -214,4 +214,14 @@ def token_set_length(config: RainConfig, depth: int) -> int:
     return lengths[min(depth, len(lengths) - 1)]
 
 
-__all__ = ["RainConfig", "PRESETS", "load_config", "token_set_length"]
+def check_speculate(speculate: int, *, remote: bool) -> None:
+    """One clear line for a speculation setting that cannot run."""
+    if speculate < 0:
+        raise RainError(f"invalid speculate {speculate}: the most draft tokens per forward, 0 (off) or more")
+    if speculate and remote:
+        raise RainError("speculation (--speculate) runs on the transformers engine only: a vLLM server verifies no "
+                        "drafts of ours, and vLLM's own speculative decoding fails the self-evaluation's logprob "
+                        "requests (README, 'Fewer sequential forwards')")
+
+
+__all__ = ["RainConfig", "PRESETS", "load_config", "token_set_length", "check_speculate"]

@@ -27,6 +27,8 @@ class Receipt:
     forwards: set[tuple[int, int]] = field(default_factory=set)  # (backend id, forward number)
     tokens: int = 0  # token positions run for it: its rows x the positions of each forward, padding included
     seconds: float = 0.0  # its share of the time of the backend calls it took part in
+    drafted: int = 0  # speculation: draft tokens fed for it (in `tokens` too), and those a row accepted
+    accepted: int = 0
 
     def add(self, forward: tuple[int, int], tokens: int) -> None:
         self.forwards.add(forward)
@@ -41,6 +43,8 @@ class PhaseCount:
     forwards: set[tuple[int, int]] = field(default_factory=set)
     tokens: int = 0
     seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def forward_passes(self) -> int:
@@ -51,6 +55,8 @@ class PhaseCount:
         self.forwards |= other.forwards
         self.tokens += other.tokens
         self.seconds += other.seconds
+        self.drafted += other.drafted
+        self.accepted += other.accepted
 
 
 _Trie = dict[int, "_Trie"]
@@ -131,6 +137,8 @@ class Compute:
         total = self.total()
         out["total"] = {"forward_passes": total.forward_passes, "tokens": total.tokens,
                         "lm_forward_passes": self.lm_forwards}
+        if total.drafted:  # speculation: draft tokens fed, and those accepted
+            out["total"] |= {"draft_tokens": total.drafted, "accepted_draft_tokens": total.accepted}
         if self.least_work:
             out["least_work"] = {"tokens": self.least_work}
         return out

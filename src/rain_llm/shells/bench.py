@@ -229,6 +229,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | N
             "final_value_sd": statistics.stdev(values) if len(values) > 1 else None,
             "phases": phases,
         }
+        drafted = sum(r["compute"]["total"].get("draft_tokens", 0) for r in recs)
+        if drafted:  # speculation: draft tokens fed per answer token, and the share a row accepted
+            accepted = sum(r["compute"]["total"].get("accepted_draft_tokens", 0) for r in recs)
+            out[name] |= {"draft_tokens_per_token": drafted / answer, "draft_acceptance": accepted / drafted}
         if all("http_requests" in r for r in recs) and recs:
             out[name]["requests_per_token"] = sum(r["http_requests"] for r in recs) / answer
             out[name]["http_overhead_s"] = (overhead or {}).get(name)
@@ -240,7 +244,16 @@ def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | N
         s["batch"] = batch
         single = out.get(unbatched_name(name)) if batch > 1 else None  # the same method one prompt at a time
         s["throughput_x_unbatched"] = single["seconds_per_token"] / s["seconds_per_token"] if single else None
+        plain = unspeculated_name(name)
+        if plain != name and plain in runs:  # speculation must not change a single answer
+            s["answers_equal_unspeculated"] = [t for r in runs[name] for t in r["texts"]] == \
+                [t for r in runs[plain] for t in r["texts"]]
     return out
+
+
+def unspeculated_name(name: str) -> str:
+    """"rain-s8-b4" -> "rain-b4": the method a speculating one must give the same answers as."""
+    return re.sub(r"-s[0-9]+(?=-b[0-9]+$|$)", "", name)
 
 
 def unbatched_name(name: str) -> str:
@@ -273,6 +286,13 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         for name, s in searched.items():
             per_iteration, per_token = s["lm_forward_passes_per_iteration"], s["lm_forward_passes_per_token"]
             lines.append(f"  {name:14s} {per_iteration:.2f} / {per_token:.2f}")
+    speculating = {name: s for name, s in summary.items() if "answers_equal_unspeculated" in s}
+    if speculating:
+        lines.append("speculation: draft tokens per answer token / accepted / answers equal to the method without it:")
+        for name, s in speculating.items():
+            drafted, accepted = s.get("draft_tokens_per_token", 0.0), s.get("draft_acceptance", 0.0)
+            equal = "yes" if s["answers_equal_unspeculated"] else "NO"
+            lines.append(f"  {name:14s} {drafted:.2f} / {accepted:.0%} / {equal}")
     return "\n".join(lines)
 
 

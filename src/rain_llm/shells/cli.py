@@ -21,7 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from rain_llm.config import PRESETS, RainConfig, load_config
+from rain_llm.config import PRESETS, RainConfig, check_speculate, load_config
 from rain_llm.errors import RainError
 from rain_llm.search import SearchStatus
 from rain_llm.shells.protocol import Limits
@@ -108,6 +108,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, *, preset: str | None = No
     group.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: "
                        "$RAIN_THREADS, else torch's default of one per core); idle threads sleep rather than spin "
                        "(OMP_WAIT_POLICY=PASSIVE unless set), so a shared machine costs little; see README")
+    group.add_argument("--speculate", type=int, default=0, metavar="N", help="verify up to N draft tokens per "
+                       "decode forward, drafted from text the search already produced; the same answers with fewer "
+                       "sequential forwards (transformers engine only; default 0: off; see README)")
     if device_map:
         group.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs")
     group.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="hf: transformers in this process "
@@ -262,6 +265,7 @@ def load_rain(args: argparse.Namespace, *, engine: str | None = None) -> Any:
     """The model a command runs, from its model flags (threads set first): in this process, or
     (--engine vllm) on the vLLM servers at --engine-url. `engine` overrides --engine (bench)."""
     engine = engine or args.engine
+    check_speculate(args.speculate, remote=engine == "vllm")
     if engine == "vllm":
         if not args.engine_url:
             raise RainError("--engine vllm (or a vllm: bench method) needs --engine-url URL (a vLLM server's base "
@@ -281,7 +285,7 @@ def load_rain(args: argparse.Namespace, *, engine: str | None = None) -> Any:
     from rain_llm.api import Rain  # heavy imports only once the arguments are known good
 
     return Rain.load(args.model, device=args.device, dtype=args.dtype,
-                     device_map=getattr(args, "device_map", None))
+                     device_map=getattr(args, "device_map", None), speculate=args.speculate)
 
 
 class Progress:
@@ -426,6 +430,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         engine, base, batch = ("vllm", m[5:], 1) if m.startswith("vllm:") else ("", m, 1)
         if (found := re.fullmatch(r"(.+)-b([0-9]+)", base)) and int(found.group(2)) >= 1:
             base, batch = found.group(1), int(found.group(2))
+        speculate = None
+        if (found := re.fullmatch(r"(.+)-s([0-9]+)", base)) and not engine:
+            base, speculate = found.group(1), int(found.group(2))
         if base == "vanilla":
             kw: dict[str, Any] = {"method": "vanilla"}
         elif base == "rain":
@@ -435,19 +442,26 @@ def run_bench_command(args: argparse.Namespace) -> int:
         elif base.startswith("rain-p") and base[6:].isdigit() and int(base[6:]) >= 1:
             kw = {"parallel_leaves": int(base[6:])}
         else:
-            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN; "
-                            "-bN after any: N prompts at once; vllm: before any: on the vLLM servers at --engine-url)")
+            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN; -sN after any: "
+                            "speculation with N draft tokens; -bN after that: N prompts at once; vllm: before any: "
+                            "on the vLLM servers at --engine-url)")
+        if speculate is not None:
+            engine = f"s{speculate}"  # the same weights, speculating (its own caches)
         methods[m] = kw | ({"batch": batch} if batch > 1 else {}) | ({"engine": engine} if engine else {})
     if args.prompts < 1:
         raise RainError(f"invalid --prompts {args.prompts}: must be at least 1")
-    engines = {"vllm": load_rain(args, engine="vllm")} if any(kw.get("engine") for kw in methods.values()) else {}
+    remote = any(kw.get("engine") == "vllm" for kw in methods.values())
+    engines = {"vllm": load_rain(args, engine="vllm")} if remote else {}
     if args.random:
         set_threads(args.threads)
         rain = random_rain(args.random, pick_device(args.device), args.tokenizer, args.embedder)
-    elif engines and (args.engine == "vllm" or all(kw.get("engine") for kw in methods.values())):
+    elif engines and (args.engine == "vllm" or all(kw.get("engine") == "vllm" for kw in methods.values())):
         rain = engines["vllm"]  # no method runs in this process: no local model to load
     else:
         rain = load_rain(args)
+    for kw in methods.values():
+        if (name := kw.get("engine", "")).startswith("s") and name not in engines:
+            engines[name] = rain.speculating(int(name[1:]))
     result = run_bench(rain, cfg, bench_prompts(args.prompts), methods, engines=engines)
     print(table(result["summary"]))
     if args.out:

@@ -94,6 +94,31 @@ class PrefixCache:
             pos -= 1
         return path, node, pos, None
 
+    def continuation(self, tokens: Sequence[int], limit: int) -> list[int]:
+        """Up to `limit` tokens the tree holds right after exactly `tokens` (text the engine already
+        ran after them: an earlier rollout or token set from the same node), following the
+        longest chunk at each branch; [] if the tree holds nothing after them. Changes nothing."""
+        node, pos, n = self.root, 0, len(tokens)
+        draft: list[int] = []
+        while pos < n:
+            inside = None
+            for c in node.children.get(tokens[pos], ()):
+                end = pos + len(c.tokens)
+                if end <= n and c.tokens == tuple(tokens[pos:end]):
+                    node, pos = c, end
+                    break
+                if end > n and c.tokens[:n - pos] == tuple(tokens[pos:]):
+                    inside = c
+            else:
+                if inside is None:
+                    return []
+                draft = list(inside.tokens[n - pos:])
+                node, pos = inside, n
+        while len(draft) < limit and node.children:
+            node = max((c for cs in node.children.values() for c in cs), key=lambda c: len(c.tokens))
+            draft += node.tokens
+        return draft[:limit]
+
     def retain(self, prefixes: Sequence[Sequence[int]], exact: Sequence[Sequence[int]] = ()) -> None:
         """Drop every branch that is compatible with none of `prefixes` (a prefix keeps all that
         extends it) and none of `exact` (kept themselves, not what extends them)."""
@@ -183,6 +208,11 @@ class BufferLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.length
+
+    def truncate(self, length: int) -> None:
+        """Forget the columns from `length` on (a rejected draft's): the next tokens go there."""
+        self.length = length
+        self.keys, self.values = self.kbuf[:, :, :length], self.vbuf[:, :, :length]
 
 
 def buffer_cache(segments: list[KV], rows: int, capacity: int) -> DynamicCache | None:

@@ -49,10 +49,13 @@ class HFEngine:
     """A transformers causal LM with KV reuse across calls (one cache scope; `scope()` makes
     another over the same weights)."""
 
-    def __init__(self, model: Any, codec: Codec, *, reuse_cache: bool = True, seed: int = 0):
+    def __init__(self, model: Any, codec: Codec, *, reuse_cache: bool = True, seed: int = 0, speculate: int = 0):
         self.model = model.eval()
         self.codec = codec
         self.reuse_cache = reuse_cache
+        # Exact speculation: the most draft tokens a decode slot feeds after its token (0: off);
+        # drafts come from the prefix tree (stream.py), so they need reuse_cache.
+        self.speculate = speculate
         self.uid = next(_ENGINE_IDS)  # forward passes are named (uid, number) in receipts
         self.forwards = 0
         self.touched: set[Receipt] = set()  # receipts charged since the caller last cleared this
@@ -76,7 +79,8 @@ class HFEngine:
 
     def scope(self, *, reuse_cache: bool | None = None) -> HFEngine:
         """The same weights with a cache of their own."""
-        return HFEngine(self.model, self.codec, reuse_cache=self.reuse_cache if reuse_cache is None else reuse_cache)
+        return HFEngine(self.model, self.codec, reuse_cache=self.reuse_cache if reuse_cache is None else reuse_cache,
+                        speculate=self.speculate)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.codec.decode(ids)

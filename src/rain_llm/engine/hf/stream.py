@@ -12,6 +12,13 @@ leave or branch, and trimmed to the longest live slot then. Rows holding the sam
 slot, also across requests that join with the same context (a leaf's candidates and its rollout).
 A joining context whose last token alone is uncached (a leaf whose token set was just sampled)
 feeds that token in the step's forward instead of a forward of its own.
+
+Exact speculation (`HFEngine.speculate` > 0): a slot feeds, after its token, a draft of what the
+prefix tree already holds after its tokens (an earlier rollout or token set from the same node), and
+keeps the logits of every fed position. At the next step each row picks position by position with
+its own uniforms, as it would have one token per forward, and goes on while its pick equals the
+draft: a row's tokens are the same with speculation on or off. The KV of a slot's rejected draft
+tokens is cut off (the buffer is truncated, or rebuilt without it when slots keep different lengths).
 """
 
 from __future__ import annotations
@@ -62,12 +69,30 @@ class _Request:
 
 
 class _LiveRow:
-    """A row decoding now: its batch slot and the logits after its last fed token."""
+    """A row decoding now: its batch slot; the logits [1 + len(draft), vocab] after its last fed
+    token and after each draft token fed behind it; the width of the forward that fed them; and,
+    once it picked, `cut`: the columns at the end of its slot that are not its own (rejected draft)."""
 
-    __slots__ = ("request", "r", "slot", "logits")
+    __slots__ = ("request", "r", "slot", "logits", "draft", "width", "cut")
 
     def __init__(self, request: _Request, r: int, slot: int, logits: torch.Tensor | None):
         self.request, self.r, self.slot, self.logits = request, r, slot, logits
+        self.draft: list[int] = []
+        self.width = 1
+        self.cut = 0
+
+
+class _Source:
+    """A slot of the next forward: copied from an old slot (its KV less `cut` last columns) or from a
+    joining context; it feeds `token`, then `draft`; its work is charged to `receipt`."""
+
+    __slots__ = ("parent", "cut", "ctx", "token", "receipt", "sequence", "limit", "draft")
+
+    def __init__(self, parent: int, cut: int, ctx: _Context | None, token: int, receipt: Receipt,
+                 sequence: list[int], limit: int):
+        self.parent, self.cut, self.ctx, self.token, self.receipt = parent, cut, ctx, token, receipt
+        self.sequence, self.limit = sequence, limit  # its tokens (context and fed ones); most draft tokens
+        self.draft: list[int] = []
 
 
 class DecodeStream:
@@ -81,6 +106,8 @@ class DecodeStream:
         self.joining: list[_Request] = []
         self.requests: dict[Hashable, _Request] = {}
         self._slot_receipt: list[Receipt] = []  # whose work each slot is
+        self.drafted = 0  # draft tokens fed, and of them those some row accepted (engine-wide counters)
+        self.accepted = 0
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -119,28 +146,39 @@ class DecodeStream:
         picking = self.live + ready
         finished: dict[Hashable, _Request] = {}
         going: list[_LiveRow] = []
-        leaving: dict[int, tuple[_Request, list[tuple[list[int], int, torch.Tensor]]]] = {}
+        leaving: dict[int, tuple[_Request, list[tuple[list[int], int, torch.Tensor, int]]]] = {}
+        accepted: dict[int, int] = {}  # per slot: the most draft tokens a row of it accepted
         if picking:
             chosen = self._pick(picking)
             stops = self.engine.stop_ids
-            for row, (token, lp) in zip(picking, chosen):
+            for row, picks in zip(picking, chosen):
                 request, r = row.request, row.r
                 tokens = request.tokens[r]
+                logits = _logits(row)
                 if request.want_logits and request.first_logits is None:
-                    request.first_logits = row.logits
-                tokens.append(token)
-                request.logprob[r] += lp
+                    request.first_logits = logits[0]
                 spec = request.rows[r]
-                if (token in stops or len(tokens) >= spec.max_tokens
-                        or (spec.stop is not None and self._text_stops(spec.stop, tokens))):
-                    request.left -= 1
-                    if row.slot >= 0:  # fed tokens are in the buffer: keep them in the prefix tree
-                        assert row.logits is not None
-                        leaving.setdefault(id(request), (request, []))[1].append((tokens[:-1], row.slot, row.logits))
-                    if request.left == 0:
-                        finished[request.key] = request
-                else:
-                    going.append(row)
+                for j, (token, lp) in enumerate(picks):  # position j follows the row's j-th draft token
+                    tokens.append(token)
+                    request.logprob[r] += lp
+                    row.cut = row.width - 1 - j  # columns fed after the row's last token now
+                    if row.slot >= 0 and j:
+                        accepted[row.slot] = max(accepted.get(row.slot, 0), j)
+                    if (token in stops or len(tokens) >= spec.max_tokens
+                            or (spec.stop is not None and self._text_stops(spec.stop, tokens))):
+                        request.left -= 1
+                        if row.slot >= 0:  # fed tokens are in the buffer: keep them in the prefix tree
+                            leaving.setdefault(id(request), (request, []))[1].append(
+                                (tokens[:-1], row.slot, logits[j], row.cut))
+                        if request.left == 0:
+                            finished[request.key] = request
+                        break
+                    if j >= len(row.draft) or token != row.draft[j]:  # the draft ends or is rejected here
+                        going.append(row)
+                        break
+        self.accepted += sum(accepted.values())
+        for slot, n in accepted.items():
+            self._slot_receipt[slot].accepted += n
         for request, rows in leaving.values():
             self._store(request, rows)
         for key in finished:
@@ -188,121 +226,166 @@ class DecodeStream:
                 ready += _rows(requests, logits)
         return ready
 
-    def _pick(self, rows: list[_LiveRow]) -> list[tuple[int, float]]:
-        """One token per row by its own rule and uniform (rows grouped by rule, one call each)."""
-        logits = torch.stack([_logits(row) for row in rows])
-        u = torch.from_numpy(np.array([row.request.u[row.r, len(row.request.tokens[row.r])] for row in rows]))
-        greedy = torch.tensor([row.request.rows[row.r].greedy for row in rows])
+    def _pick(self, rows: list[_LiveRow]) -> list[list[tuple[int, float]]]:
+        """Per row, a token at each of its fed positions (one, or one more than its draft), each by
+        the row's own rule and the uniform of the token's own step (grouped by rule, one call each)."""
+        counts = [min(_logits(row).shape[0], row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r]))
+                  for row in rows]  # a row sharing a slot with longer rows uses no more than it may decode
+        logits = torch.cat([_logits(row)[:n] for row, n in zip(rows, counts)])
+        steps = [(row, len(row.request.tokens[row.r]) + j) for row, n in zip(rows, counts) for j in range(n)]
+        u = torch.from_numpy(np.array([row.request.u[row.r, step] for row, step in steps]))
+        greedy = torch.tensor([row.request.rows[row.r].greedy for row, _ in steps])
         by_rule: dict[tuple[float, int], list[int]] = {}
-        for i, row in enumerate(rows):
+        for i, (row, _) in enumerate(steps):
             spec = row.request.rows[row.r]
             by_rule.setdefault((spec.temperature, spec.top_k), []).append(i)
         if len(by_rule) == 1:
             ((temperature, top_k),) = by_rule
             tokens, logprob = sample(logits, temperature, top_k, u, greedy)
         else:
-            tokens = torch.zeros(len(rows), dtype=torch.long)
-            logprob = torch.zeros(len(rows), dtype=torch.float64)
+            tokens = torch.zeros(len(steps), dtype=torch.long)
+            logprob = torch.zeros(len(steps), dtype=torch.float64)
             for (temperature, top_k), idx in by_rule.items():
                 index = torch.tensor(idx)
                 tokens[index], logprob[index] = sample(logits[index.to(logits.device)], temperature, top_k,
                                                        u[index], greedy[index])
-        return list(zip(tokens.tolist(), logprob.tolist()))
+        picks = list(zip(tokens.tolist(), logprob.tolist()))
+        out, start = [], 0
+        for n in counts:
+            out.append(picks[start:start + n])
+            start += n
+        return out
 
-    def _store(self, request: _Request, rows: list[tuple[list[int], int, torch.Tensor]]) -> None:
-        """Rows of one request leaving together fed as many tokens: they end at the buffer's last column."""
+    def _store(self, request: _Request, rows: list[tuple[list[int], int, torch.Tensor, int]]) -> None:
+        """Rows of one request leaving together: each fed its tokens up to `cut` columns before the
+        buffer's end (rows that fed as many tokens and cut as many are stored with one copy)."""
         engine = self.engine
         if not engine.reuse_cache or self.cache is None:
             return
         _, node, pos, _ = engine.prefix_cache.lookup(request.context)
         if pos == len(request.context):
-            fed = len(rows[0][0])
-            engine.store(node, rows, self.cache, buffers(self.cache)[0].length - fed)
+            end = buffers(self.cache)[0].length
+            groups: dict[tuple[int, int], list[tuple[list[int], int, torch.Tensor]]] = {}
+            for tokens, slot, logits, cut in rows:
+                groups.setdefault((len(tokens), cut), []).append((tokens, slot, logits))
+            for (fed, cut), same in groups.items():
+                engine.store(node, same, self.cache, end - cut - fed)
 
     def _advance(self, going: list[_LiveRow], joining: list[_Request]) -> None:
-        """New slots for the rows that go on (rows with the same parent slot, or the same joining
-        context, and the same token share one) and for joining contexts that feed their last
-        token; one forward over them."""
+        """New slots for the rows that go on (rows with the same parent slot and cut, or the same
+        joining context, and the same token share one) and for joining contexts that feed their last
+        token; drafts for them (speculation on); one forward over them."""
         engine = self.engine
-        sources: list[tuple[int, _Context | None, int, Receipt]] = []  # (old slot or -1, joining context, token, ...)
-        index: dict[tuple[int, int, int], int] = {}
+        sources: list[_Source] = []
+        index: dict[tuple[int, int, int, int], int] = {}
         for row in sorted(going, key=lambda row: row.slot >= 0, reverse=True):  # slots from the buffer first
             parent = row.slot if row.slot >= 0 else -1
-            token = row.request.tokens[row.r][-1]
-            key = (parent, id(row.request.ctx) if parent < 0 else 0, token)
+            cut = row.cut if parent >= 0 else 0
+            request, tokens = row.request, row.request.tokens[row.r]
+            key = (parent, cut, id(request.ctx) if parent < 0 else 0, tokens[-1])
+            room = request.rows[row.r].max_tokens - len(tokens) - 1  # the most draft tokens it can use
             if key not in index:  # the slot's work is charged to a request still going (never one done)
                 index[key] = len(sources)
-                sources.append((parent, row.request.ctx if parent < 0 else None, token, row.request.receipt))
+                sources.append(_Source(parent, cut, request.ctx if parent < 0 else None, tokens[-1], request.receipt,
+                                       request.context + tokens, room))
+            source = sources[index[key]]
+            source.limit = max(source.limit, room)
             row.slot = index[key]
         tail_slot: dict[int, int] = {}
         tails: list[_Context] = []
         tail_rows: list[_LiveRow] = []
         for request in joining:
             if request.ctx.tail is not None:
+                room = max(spec.max_tokens for spec in request.rows) - 1
                 if id(request.ctx) not in tail_slot:
                     tail_slot[id(request.ctx)] = len(sources)
                     tails.append(request.ctx)
-                    sources.append((-1, request.ctx, request.ctx.tail, request.receipt))
+                    sources.append(_Source(-1, 0, request.ctx, request.ctx.tail, request.receipt, request.ctx.tokens,
+                                           room))
+                source = sources[tail_slot[id(request.ctx)]]
+                source.limit = max(source.limit, room)
                 tail_rows += [_LiveRow(request, r, tail_slot[id(request.ctx)], None) for r in range(len(request.rows))]
         self.live = going + tail_rows
         if not sources:
             self.cache, self.pads, self._slot_receipt = None, [], []
             return
-        room = 1 + max((row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r]) for row in self.live),
-                       default=0)
-        self._rebuild(sources, room)
-        ids = torch.tensor([[token] for _, _, token, _ in sources])
-        out, self.cache = engine.forward(ids, self.cache, pads=self.pads, receipts=self._slot_receipt)
-        fresh = out[:, -1]
+        if engine.speculate and engine.reuse_cache:
+            for source in sources:
+                source.draft = engine.prefix_cache.continuation(source.sequence, min(engine.speculate, source.limit))
+        width = 1 + max(len(source.draft) for source in sources)
+        room = max(width, 1 + max((row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r])
+                                   for row in self.live), default=0))
+        self._rebuild(sources, room, width)
+        ids = torch.tensor([[s.token, *s.draft] + [s.token] * (width - 1 - len(s.draft)) for s in sources])
+        out, self.cache = engine.forward(ids, self.cache, keep=width, pads=self.pads, receipts=self._slot_receipt)
+        for source in sources:
+            if source.draft:
+                source.receipt.drafted += len(source.draft)
+                self.drafted += len(source.draft)
         for row in self.live:
-            row.logits = fresh[row.slot]
+            source = sources[row.slot]
+            row.logits, row.draft, row.width = out[row.slot, :1 + len(source.draft)], source.draft, width
         for ctx in tails:  # the context's last token is computed now: keep it with its logits
             if engine.reuse_cache:
-                slot, column = tail_slot[id(ctx)], buffers(self.cache)[0].length - 1
-                engine.keep_tail(ctx.tokens, len(ctx.tokens) - 1, self.cache, column, slot, fresh[slot])
+                slot, column = tail_slot[id(ctx)], buffers(self.cache)[0].length - width
+                engine.keep_tail(ctx.tokens, len(ctx.tokens) - 1, self.cache, column, slot, out[slot, 0])
             ctx.tail, ctx.segments = None, []
 
-    def _rebuild(self, sources: list[tuple[int, _Context | None, int, Receipt]], room: int) -> None:
-        """The buffer for the next forward: each new slot copies an old slot or a joining context,
-        left-padded to the longest, with `room` more columns; kept as it is when every old slot
-        goes on in place and there is room."""
+    def _rebuild(self, sources: list[_Source], room: int, width: int) -> None:
+        """The buffer for the next forward (of `width` positions): each new slot copies an old slot
+        (less its cut columns) or a joining context, left-padded to the longest, with `room` more
+        columns; kept as it is (truncated by a cut all share) when every old slot goes on in place
+        and there is room."""
         old = buffers(self.cache) if self.cache is not None else None
         col = old[0].length if old is not None else 0
-        parents = [parent for parent, _, _, _ in sources]
-        self._slot_receipt = [receipt for _, _, _, receipt in sources]
-        if old is not None and parents == list(range(old[0].kbuf.shape[0])) and col < old[0].kbuf.shape[2]:
+        parents = [s.parent for s in sources]
+        self._slot_receipt = [s.receipt for s in sources]
+        cuts = {s.cut for s in sources}
+        if (old is not None and parents == list(range(old[0].kbuf.shape[0])) and len(cuts) == 1
+                and col - min(cuts) + width <= old[0].kbuf.shape[2]):
+            if min(cuts):
+                for buf in old:
+                    buf.truncate(col - min(cuts))
             return
-        lengths = [col - self.pads[p] if p >= 0 else _joining(ctx).length() for p, ctx, _, _ in sources]
-        width = max(lengths)
-        kept = [p for p in parents if p >= 0]
-        kept_width = max(lengths[:len(kept)], default=0)
-        alloc = torch.zeros if any(n < width for n in lengths) else torch.empty  # padding must be finite
-        first = _joining(next((ctx for p, ctx, _, _ in sources if p < 0), None)) if old is None else None
+        lengths = [col - s.cut - self.pads[s.parent] if s.parent >= 0 else _joining(s.ctx).length() for s in sources]
+        span = max(lengths)
+        kept = [s for s in sources if s.parent >= 0]
+        alloc = torch.zeros if any(n < span for n in lengths) else torch.empty  # padding must be finite
+        first = _joining(next((s.ctx for s in sources if s.parent < 0), None)) if old is None else None
+        by_cut: dict[int, list[int]] = {}  # kept slots (their new index) grouped by the columns they cut
+        for i, s in enumerate(kept):
+            by_cut.setdefault(s.cut, []).append(i)
         layers = []
         for layer in range(len(old) if old is not None else len(_joining(first).segments[0])):
             if old is not None:
                 k0, v0 = old[layer].kbuf, old[layer].vbuf
             else:
                 k0, v0 = _joining(first).segments[0][layer]  # shapes, dtype, device
-            shape = (len(sources), k0.shape[1], width + room, k0.shape[3])
+            shape = (len(sources), k0.shape[1], span + room, k0.shape[3])
             kbuf = alloc(shape, dtype=k0.dtype, device=k0.device)
             vbuf = alloc((*shape[:3], v0.shape[3]), dtype=v0.dtype, device=v0.device)
-            if kept:
-                index = torch.tensor(kept, device=k0.device)
-                kbuf[:len(kept), :, width - kept_width:width] = k0[:, :, col - kept_width:col].index_select(0, index)
-                vbuf[:len(kept), :, width - kept_width:width] = v0[:, :, col - kept_width:col].index_select(0, index)
+            for cut, slots in by_cut.items():  # one copy per layer for the slots that cut alike
+                n, end = max(lengths[i] for i in slots), col - cut
+                index = torch.tensor([kept[i].parent for i in slots], device=k0.device)
+                if len(by_cut) == 1:
+                    kbuf[:len(kept), :, span - n:span] = k0[:, :, end - n:end].index_select(0, index)
+                    vbuf[:len(kept), :, span - n:span] = v0[:, :, end - n:end].index_select(0, index)
+                else:
+                    new = torch.tensor(slots, device=k0.device)
+                    kbuf[new, :, span - n:span] = k0[:, :, end - n:end].index_select(0, index)
+                    vbuf[new, :, span - n:span] = v0[:, :, end - n:end].index_select(0, index)
             slot = len(kept)
             while slot < len(sources):  # a joining context's slots are consecutive: one copy for them
-                ctx, end = _joining(sources[slot][1]), slot
-                while end < len(sources) and sources[end][1] is ctx:
+                ctx, end = _joining(sources[slot].ctx), slot
+                while end < len(sources) and sources[end].ctx is ctx:
                     end += 1
                 n = lengths[slot]
-                kbuf[slot:end, :, width - n:width] = concat(ctx.segments, layer, 0)
-                vbuf[slot:end, :, width - n:width] = concat(ctx.segments, layer, 1)
+                kbuf[slot:end, :, span - n:span] = concat(ctx.segments, layer, 0)
+                vbuf[slot:end, :, span - n:span] = concat(ctx.segments, layer, 1)
                 slot = end
-            layers.append(BufferLayer(kbuf, vbuf, width))
+            layers.append(BufferLayer(kbuf, vbuf, span))
         self.cache = buffered(layers)
-        self.pads = [width - n for n in lengths]
+        self.pads = [span - n for n in lengths]
 
 
 def _joining(ctx: _Context | None) -> _Context:
@@ -319,7 +402,7 @@ def _logits(row: _LiveRow) -> torch.Tensor:
 
 def _rows(requests: list[_Request], logits: torch.Tensor) -> list[_LiveRow]:
     """The rows of requests that join with their context's logits known: they pick at once."""
-    return [_LiveRow(request, r, -1, logits) for request in requests for r in range(len(request.rows))]
+    return [_LiveRow(request, r, -1, logits.unsqueeze(0)) for request in requests for r in range(len(request.rows))]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor,
