@@ -551,3 +551,17 @@ def test_speculation_decodes_the_tokens_of_one_token_per_forward(tiny, tokenizer
         context = ctx if s in got["again"] else ctx + stored[0].tokens[:4]
         ids = context + s.tokens[:-1]
         assert np.abs(on.next_logits(ids) - full_logits(model, ids)).max() < TOL
+
+
+def test_recent_drafts_what_followed_the_last_three_tokens():
+    from rain_llm.engine.hf.stream import _Recent
+
+    recent = _Recent(n=3, size=8)
+    recent.add([1, 2, 3, 4, 5, 6])
+    assert recent.draft([9, 2, 3, 4], 2) == [5, 6]  # the last three tokens matched anywhere
+    assert recent.draft([3, 4, 5, 6], 4) == [] and recent.draft([4, 5], 4) == []
+    recent.add([7, 2, 3, 4, 8])
+    assert recent.draft([2, 3, 4], 4) == [8]  # the latest wins
+    recent.add(list(range(100, 120)))  # over `size` runs: what came before goes
+    recent.add([0])
+    assert recent.draft([2, 3, 4], 4) == [] and len(recent.after) <= 17

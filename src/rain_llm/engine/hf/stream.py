@@ -14,8 +14,9 @@ A joining context whose last token alone is uncached (a leaf whose token set was
 feeds that token in the step's forward instead of a forward of its own.
 
 Exact speculation (`HFEngine.speculate` > 0): a slot feeds, after its token, a draft of what the
-prefix tree already holds after its tokens (an earlier rollout or token set from the same node), and
-keeps the logits of every fed position. At the next step each row picks position by position with
+prefix tree already holds after its tokens (an earlier rollout or token set from the same node), or
+else of what followed its last three tokens in a row decoded earlier (a phrase a sibling's rollout
+used), and keeps the logits of every fed position. At the next step each row picks position by position with
 its own uniforms, as it would have one token per forward, and goes on while its pick equals the
 draft: a row's tokens are the same with speculation on or off. The KV of a slot's rejected draft
 tokens is cut off (the buffer is truncated, or rebuilt without it when slots keep different lengths).
@@ -95,6 +96,27 @@ class _Source:
         self.draft: list[int] = []
 
 
+class _Recent:
+    """What followed each run of `n` tokens in the rows this stream decoded (the latest wins): drafts
+    for a row whose exact prefix the tree has not seen, e.g. a rollout repeating a sibling's phrase.
+    Cleared when it holds `size` runs, so memory stays bounded."""
+
+    def __init__(self, n: int = 3, size: int = 1 << 16):
+        self.n, self.size = n, size
+        self.after: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+
+    def add(self, tokens: Sequence[int]) -> None:
+        if len(self.after) > self.size:
+            self.after.clear()
+        seq = tuple(tokens)
+        for i in range(self.n, len(seq)):
+            self.after[seq[i - self.n:i]] = (seq, i)
+
+    def draft(self, tokens: Sequence[int], limit: int) -> list[int]:
+        found = self.after.get(tuple(tokens[-self.n:])) if len(tokens) >= self.n else None
+        return list(found[0][found[1]:found[1] + limit]) if found is not None else []
+
+
 class DecodeStream:
     """Rows that decode side by side and join or leave between forward passes (module docstring)."""
 
@@ -108,6 +130,7 @@ class DecodeStream:
         self._slot_receipt: list[Receipt] = []  # whose work each slot is
         self.drafted = 0  # draft tokens fed, and of them those some row accepted (engine-wide counters)
         self.accepted = 0
+        self.recent = _Recent()
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -167,6 +190,8 @@ class DecodeStream:
                     if (token in stops or len(tokens) >= spec.max_tokens
                             or (spec.stop is not None and self._text_stops(spec.stop, tokens))):
                         request.left -= 1
+                        if self.engine.speculate:
+                            self.recent.add(request.context[-self.recent.n:] + tokens)
                         if row.slot >= 0:  # fed tokens are in the buffer: keep them in the prefix tree
                             leaving.setdefault(id(request), (request, []))[1].append(
                                 (tokens[:-1], row.slot, logits[j], row.cut))
@@ -309,9 +334,11 @@ class DecodeStream:
         if not sources:
             self.cache, self.pads, self._slot_receipt = None, [], []
             return
-        if engine.speculate and engine.reuse_cache:
+        if engine.speculate:  # the tree's text after exactly these tokens, else what followed their last few
             for source in sources:
-                source.draft = engine.prefix_cache.continuation(source.sequence, min(engine.speculate, source.limit))
+                limit = min(engine.speculate, source.limit)
+                source.draft = ((engine.prefix_cache.continuation(source.sequence, limit) if engine.reuse_cache else [])
+                                or self.recent.draft(source.sequence, limit))
         width = 1 + max(len(source.draft) for source in sources)
         room = max(width, 1 + max((row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r])
                                    for row in self.live), default=0))
