@@ -229,9 +229,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | N
             "final_value_sd": statistics.stdev(values) if len(values) > 1 else None,
             "phases": phases,
         }
-        drafted = sum(r["compute"]["total"].get("draft_tokens", 0) for r in recs)
+        drafted = sum(r["compute"].get("total", {}).get("draft_tokens", 0) for r in recs)
         if drafted:  # speculation: draft tokens fed per answer token, and the share a row accepted
-            accepted = sum(r["compute"]["total"].get("accepted_draft_tokens", 0) for r in recs)
+            accepted = sum(r["compute"].get("total", {}).get("accepted_draft_tokens", 0) for r in recs)
             out[name] |= {"draft_tokens_per_token": drafted / answer, "draft_acceptance": accepted / drafted}
         if all("http_requests" in r for r in recs) and recs:
             out[name]["requests_per_token"] = sum(r["http_requests"] for r in recs) / answer
