@@ -1,9 +1,10 @@
-"""Record answers for the request-path refactor's equality test (tests/test_golden.py).
+"""Record the answers of the golden test (tests/test_golden.py), through the public API only, so the
+same script runs on both sides of a change that must keep every answer:
 
-Run once at the commit before the refactor (fb6122f), through the public API only, so the same
-script runs on both sides:
+    .venv/bin/python tests/golden/record_answers.py tests/golden/answers.json
 
-    .venv/bin/python tests/golden/record_answers.py tests/golden/answers_fb6122f.json
+Recorded at fb6122f (before the request-path refactor) and again at the sampler's change to
+Gumbel-max (issue 22), which changed every sampled answer.
 
 Cases: a tiny random-weight Llama with the default model's tokenizer (RAIN alone and batched, vanilla,
 parallel leaves, a compute budget, the round schedule, a judge model, both value modes, a

@@ -29,6 +29,7 @@ class Receipt:
     seconds: float = 0.0  # its share of the time of the backend calls it took part in
     drafted: int = 0  # speculation: draft tokens fed for it (in `tokens` too), and those a row accepted
     accepted: int = 0
+    speculated: int = 0  # positions of `tokens` that one token per forward would not have run (rejected, padding)
 
     def add(self, forward: tuple[int, int], tokens: int) -> None:
         self.forwards.add(forward)
@@ -45,6 +46,7 @@ class PhaseCount:
     seconds: float = 0.0
     drafted: int = 0
     accepted: int = 0
+    speculated: int = 0
 
     @property
     def forward_passes(self) -> int:
@@ -57,6 +59,7 @@ class PhaseCount:
         self.seconds += other.seconds
         self.drafted += other.drafted
         self.accepted += other.accepted
+        self.speculated += other.speculated
 
 
 _Trie = dict[int, "_Trie"]
@@ -108,9 +111,15 @@ class Compute:
 
     @property
     def lm_tokens(self) -> int:
-        """Token positions the language models processed (all phases but the sentence embedder's):
-        what `max_search_tokens` counts."""
+        """Token positions the language models processed (all phases but the sentence embedder's)."""
         return sum(c.tokens for name, c in self.phases.items() if name != "embed")
+
+    @property
+    def budget_tokens(self) -> int:
+        """What `max_search_tokens` counts: `lm_tokens` less what speculation ran beyond one token per
+        forward (rejected drafts, padding), so a budget stops a search at the same place with
+        speculation on or off."""
+        return self.lm_tokens - sum(c.speculated for name, c in self.phases.items() if name != "embed")
 
     @property
     def lm_forwards(self) -> int:
@@ -138,7 +147,8 @@ class Compute:
         out["total"] = {"forward_passes": total.forward_passes, "tokens": total.tokens,
                         "lm_forward_passes": self.lm_forwards}
         if total.drafted:  # speculation: draft tokens fed, and those accepted
-            out["total"] |= {"draft_tokens": total.drafted, "accepted_draft_tokens": total.accepted}
+            out["total"] |= {"draft_tokens": total.drafted, "accepted_draft_tokens": total.accepted,
+                             "speculated_tokens": total.speculated}
         if self.least_work:
             out["least_work"] = {"tokens": self.least_work}
         return out

@@ -79,7 +79,7 @@ class RainEnv:
     def over_budget(self) -> bool:
         """Whether this answer's compute budget (LM tokens processed, seconds) is spent."""
         cfg = self.cfg
-        if cfg.max_search_tokens and self.compute.lm_tokens >= cfg.max_search_tokens:
+        if cfg.max_search_tokens and self.compute.budget_tokens >= cfg.max_search_tokens:
             return True
         return bool(cfg.max_search_seconds) and time.perf_counter() - self.started >= cfg.max_search_seconds
 

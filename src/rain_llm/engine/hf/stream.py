@@ -128,6 +128,7 @@ class DecodeStream:
         self.joining: list[_Request] = []
         self.requests: dict[Hashable, _Request] = {}
         self._slot_receipt: list[Receipt] = []  # whose work each slot is
+        self._width = 1  # positions each slot fed in the last forward (1 + the longest draft)
         self.drafted = 0  # draft tokens fed, and of them those some row accepted (engine-wide counters)
         self.accepted = 0
         self.recent = _Recent()
@@ -202,8 +203,10 @@ class DecodeStream:
                         going.append(row)
                         break
         self.accepted += sum(accepted.values())
-        for slot, n in accepted.items():
-            self._slot_receipt[slot].accepted += n
+        for slot in {row.slot for row in picking if row.slot >= 0}:  # what one token per forward would not have fed
+            receipt, n = self._slot_receipt[slot], accepted.get(slot, 0)
+            receipt.accepted += n
+            receipt.speculated += self._width - 1 - n
         for request, rows in leaving.values():
             self._store(request, rows)
         for key in finished:
@@ -343,6 +346,7 @@ class DecodeStream:
         room = max(width, 1 + max((row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r])
                                    for row in self.live), default=0))
         self._rebuild(sources, room, width)
+        self._width = width
         ids = torch.tensor([[s.token, *s.draft] + [s.token] * (width - 1 - len(s.draft)) for s in sources])
         out, self.cache = engine.forward(ids, self.cache, keep=width, pads=self.pads, receipts=self._slot_receipt)
         for source in sources:
@@ -435,24 +439,38 @@ def _rows(requests: list[_Request], logits: torch.Tensor) -> list[_LiveRow]:
 def sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor,
            greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from the logits warped by temperature then top-k (the official logits
-    processors' order), chosen by inverse CDF with uniforms `u` (same u -> same token), or the
-    most likely token for greedy rows; with its log probability under the warped distribution.
-    A top-k rule works on the k largest logits only (sorted), not on the whole vocabulary.
-    Runs where `logits` live; returns CPU tensors (tokens long, log probabilities float64)."""
+    processors' order), by the Gumbel-max trick with noise drawn from a generator seeded by the row's
+    uniform `u` (same u -> same noise -> same token), or the most likely token for greedy rows; with
+    its log probability under the warped distribution. The noise is one value per vocabulary id, or
+    per rank among the top k. Runs where `logits` live; returns CPU tensors (tokens long, log
+    probabilities float64).
+
+    Why Gumbel-max rather than an inverse CDF: a forward of another shape (another batch, a verified
+    draft) changes logits in their last bits. An inverse CDF over the whole vocabulary then picks
+    another token whenever u falls within that noise of any of its ~50,000 boundaries (measured: a
+    rollout on the default model flipped between two tokens of probability 2e-7 each); the argmax of
+    perturbed logits changes only when its two best entries are that close."""
     scaled = logits / temperature
+    vocab_ids = None
     if 0 < top_k < scaled.shape[-1]:
         scaled, vocab_ids = torch.topk(scaled, top_k, dim=-1)  # descending: column 0 is the argmax
-    else:
-        vocab_ids = None
-    probs = torch.softmax(scaled.double() if vocab_ids is not None else scaled, dim=-1)
-    cdf = torch.cumsum(probs.double(), dim=-1)
-    target = (u.double().to(cdf.device) * cdf[:, -1]).unsqueeze(1)
-    col = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-    # never land on a zero-probability token (possible only through rounding at the edges)
-    best = torch.zeros_like(col) if vocab_ids is not None else torch.argmax(probs, dim=-1)
-    col = torch.where(probs.gather(1, col.view(-1, 1)).squeeze(1) == 0, best, col)
+    scaled = scaled.double()
+    col = torch.argmax(scaled + gumbel_noise(u, scaled.shape[-1], scaled.device), dim=-1)
     if greedy.any():
-        col = torch.where(greedy.to(col.device), best, col)
-    logprob = torch.log(probs.gather(1, col.view(-1, 1)).squeeze(1)).double()
+        col = torch.where(greedy.to(col.device), torch.argmax(scaled, dim=-1), col)
+    logprob = torch.log_softmax(scaled, dim=-1).gather(1, col.view(-1, 1)).squeeze(1)
     tokens = vocab_ids.gather(1, col.view(-1, 1)).squeeze(1) if vocab_ids is not None else col
     return tokens.cpu(), logprob.cpu()
+
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def gumbel_noise(u: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise [rows, n] (float64), row i drawn from a generator seeded with the 32
+    leading bits of u[i]: a fixed function of the uniform on one device, whatever the batch."""
+    generator = _generators.setdefault(device, torch.Generator(device=device))
+    out = torch.empty(len(u), n, device=device)
+    for i, seed in enumerate((u.double() * 2.0 ** 32).long().clamp(0, 2 ** 32 - 1).tolist()):
+        torch.rand(n, generator=generator.manual_seed(seed), device=device, out=out[i])
+    return -torch.log(-torch.log(out.double() + 2.0 ** -25))
