@@ -42,8 +42,9 @@ HELP = {
                         "as the official code)",
     "t_min": "a step may stop early once its best child has more than this many visits and a value above "
              "--value-threshold (default 6)",
-    "max_search_tokens": "compute budget per answer in LM tokens processed (0: none); then the best path is "
-                         "committed and the rest decoded plainly",
+    "max_search_tokens": "compute budget per answer in LM tokens processed (0: none; what --speculate runs beyond "
+                         "one token per forward is not counted); then the best path is committed and the rest "
+                         "decoded plainly",
     "max_search_seconds": "compute budget per answer in seconds (0: none), as --max-search-tokens",
 }
 MODEL_HELP = ("Hugging Face id, local folder, .gguf file, or a short name from `rain models list` (default: "
