@@ -231,8 +231,10 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
     # rollout is capped near what the real default model averages (about 3 tokens)
     base = load_config("paper-hh", max_new_tokens=new_tokens, t_max=t_max, fresh_iterations=0,
                        value_threshold=2.0, max_rollout_tokens=8)
+    speculating = rain.speculating(8)  # exact speculation (issue 22): the same weights, its own caches
     for kw in ({"method": "vanilla"}, {}, {"reuse_cache": False}):  # warm-up: kernels, allocator, embedder
         rain.generate(PROMPT, base, max_new_tokens=4, **kw)
+    speculating.generate(PROMPT, base, max_new_tokens=4, rollout_temperature=0.0)
     rain.generate_many(PROMPTS[:2], base, max_new_tokens=4)
     started = time.perf_counter()
     steady = f"rain-continuous-{2 * batch}-in-{batch}"
@@ -242,6 +244,9 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
     plan = [("vanilla", 1, {"method": "vanilla"}), ("rain", 1, {}), (f"rain-b{batch}", batch, {}),
             (f"vanilla-b{batch}", batch, {"method": "vanilla"}),
             ("rain-p4", 1, {"parallel_leaves": 4}),
+            # greedy rollouts repeat from a node, so drafts from the search's own text are accepted
+            ("rain-greedy-rollouts", 1, {"rollout_temperature": 0.0}),
+            ("rain-greedy-rollouts-s8", 1, {"rollout_temperature": 0.0}),
             ("rain-no-reuse", 1, {"reuse_cache": False}), (steady, 2 * batch, {})]
     for name, b, kw in plan:
         if time.perf_counter() - started > (budget_s / 2 if name == steady else budget_s):
@@ -256,14 +261,15 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
                                  batch)
             gens, compute = [], rec["compute"]
         else:
-            gens = rain.generate_many(PROMPTS[:b], base, **kw)
+            gens = (speculating if name.endswith("-s8") else rain).generate_many(PROMPTS[:b], base, **kw)
             compute = (gens[0].stats.batch_compute or gens[0].stats.compute).to_dict()
         sync()
         sec = time.perf_counter() - t
         n = max(rec["answer_tokens"] if name == steady else sum(len(g.token_ids) for g in gens), 1)
         its = [x for g in gens for x in g.stats.iterations_per_step]
         out[name] = {"s_per_token": sec / n, "answer_tokens": n, "seconds": sec, "batch": min(b, batch),
-                     "prompts": b, "iterations_per_step": its, "compute": compute}
+                     "prompts": b, "iterations_per_step": its, "compute": compute,
+                     "token_ids": [g.token_ids for g in gens]}
         phases = {k: (c.get("forward_passes"), round(c.get("seconds", 0), 2)) for k, c in compute.items()
                   if k != "least_work"}
         print(f"{name:14s} {sec / n * 1000:8.1f} ms/token  {phases}", flush=True)
@@ -278,7 +284,11 @@ def timing(tok, minilm_dir: Path, device: str, tiny: bool, new_tokens: int, t_ma
                      f"rain_b{batch}_throughput_vs_b1": ratio("rain", f"rain-b{batch}"),
                      f"vanilla_b{batch}_throughput_vs_b1": ratio("vanilla", f"vanilla-b{batch}"),
                      f"rain_continuous_{2 * batch}_in_{batch}_throughput_vs_b1": ratio("rain", steady),
-                     "rain_p4_vs_p1_time": ratio("rain-p4", "rain"), "vanilla_s_per_token": v}
+                     "rain_p4_vs_p1_time": ratio("rain-p4", "rain"), "vanilla_s_per_token": v,
+                     "speculate8_vs_off_time_greedy_rollouts": ratio("rain-greedy-rollouts-s8", "rain-greedy-rollouts")}
+    if "rain-greedy-rollouts-s8" in out and "rain-greedy-rollouts" in out:  # exact: the same answers (bf16 here)
+        out["ratios"]["speculate8_same_answers"] = (out["rain-greedy-rollouts-s8"]["token_ids"]
+                                                    == out["rain-greedy-rollouts"]["token_ids"])
     print(json.dumps(out["ratios"]), flush=True)
     return out
 
