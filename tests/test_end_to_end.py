@@ -44,6 +44,20 @@ def test_cli_rain_json_reports_text_tokens_and_compute():
     assert "step 1" in proc.stderr and "forward passes/tokens" in proc.stderr  # progress + summary
 
 
+def test_cli_speculate_gives_the_same_answer_in_fewer_forwards():
+    """`--speculate` through the command line, on the default model: the same answer and search,
+    drafts fed and accepted (greedy rollouts), fewer sequential LM forwards."""
+    args = ("generate", "--preset", "fast", "--max-new-tokens", "8", "--t-max", "4", "--rollout-temperature", "0",
+            "--json", PROMPT)
+    plain, spec = rain_cli(*args), rain_cli(args[0], "--speculate", "8", *args[1:])
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    a, b = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert b["token_ids"] == a["token_ids"] and b["stats"]["iterations_per_step"] == a["stats"]["iterations_per_step"]
+    total = b["stats"]["compute"]["total"]
+    assert total["accepted_draft_tokens"] > 0 and "draft_tokens" not in a["stats"]["compute"]["total"]
+    assert total["lm_forward_passes"] < a["stats"]["compute"]["total"]["lm_forward_passes"]
+
+
 def test_cli_vanilla_prints_greedy_answer(default_rain):
     proc = rain_cli("generate", "--method", "vanilla", "--max-new-tokens", "12", PROMPT)
     assert proc.returncode == 0, proc.stderr

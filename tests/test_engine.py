@@ -423,15 +423,21 @@ def test_stream_rows_joining_late_decode_as_alone(tiny, tokenizer, ctx):
             assert np.abs(eng.next_logits(ids) - full_logits(model, ids)).max() < TOL
 
 
-def test_stream_cancel_drops_only_that_request(tiny, tokenizer, ctx):
+@pytest.mark.parametrize("speculate", [0, 6])
+def test_stream_cancel_drops_only_that_request(tiny, tokenizer, ctx, speculate):
+    """A request cancelled mid-decode (with speculation: after a forward that verified drafts for
+    both requests) leaves the other's tokens as they are alone."""
     _, model = tiny
     eng = make(model, tokenizer)
     eng.engine.codec.stop_ids = frozenset()
+    eng.engine.speculate = speculate
     u = np.random.default_rng(1).random((2, 8))
+    eng.decode_groups([(ctx, [Row(8, 1.0, 15)], u[:1]), (ctx[:6], [Row(8, 1.0, 15)], u[1:])])  # drafts for both
     stream = DecodeStream(eng.engine)
     stream.join("a", ctx, [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, eng.receipt)
     stream.join("b", ctx[:6], [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, eng.receipt)
     stream.step()
+    assert (stream.drafted > 0) == (speculate > 0)
     stream.cancel("a")
     out = {}
     while stream:

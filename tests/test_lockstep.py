@@ -353,8 +353,10 @@ class RejectedLater:
         return evaluator
 
 
-def test_a_request_the_engine_refuses_mid_search_fails_that_answer_alone(tiny_rain):
-    config = cfg(max_new_tokens=8)
+@pytest.mark.parametrize("speculate", [0, 8])
+def test_a_request_the_engine_refuses_mid_search_fails_that_answer_alone(tiny_llama, tokenizer, embedder, speculate):
+    tiny_rain = Rain(tiny_llama, tokenizer, embedder=embedder, name="tiny", speculate=speculate)
+    config = cfg(max_new_tokens=8, rollout_temperature=0.0)  # greedy rollouts: drafts are fed and accepted
     alone = tiny_rain.generate(PROMPTS[0], config)
     batch = tiny_rain.continuous_batch()
     batch.add("good", PROMPTS[0], config)
@@ -369,3 +371,4 @@ def test_a_request_the_engine_refuses_mid_search_fails_that_answer_alone(tiny_ra
     assert good.token_ids == alone.token_ids and good.stats.iterations_per_step == alone.stats.iterations_per_step
     again = tiny_rain.generate(PROMPTS[0], config)  # nothing of the failed answer is left behind
     assert again.token_ids == alone.token_ids
+    assert (good.stats.compute.total().drafted > 0) == (speculate > 0)
