@@ -16,10 +16,11 @@ feeds that token in the step's forward instead of a forward of its own.
 Exact speculation (`HFEngine.speculate` > 0): a slot feeds, after its token, a draft of what the
 prefix tree already holds after its tokens (an earlier rollout or token set from the same node), or
 else of what followed its last three tokens in a row decoded earlier (a phrase a sibling's rollout
-used), and keeps the logits of every fed position. At the next step each row picks position by position with
-its own uniforms, as it would have one token per forward, and goes on while its pick equals the
-draft: a row's tokens are the same with speculation on or off. The KV of a slot's rejected draft
-tokens is cut off (the buffer is truncated, or rebuilt without it when slots keep different lengths).
+used), and keeps the logits of every fed position. At the next step each row picks position by
+position with its own uniforms, as it would have one token per forward, and goes on while its pick
+equals the draft: a row's tokens are the same with speculation on or off (`sample` is Gumbel-max for
+that). The KV of a slot's rejected draft tokens is cut off (the buffer is truncated, or rebuilt
+without it when slots keep different lengths).
 """
 
 from __future__ import annotations
