@@ -456,7 +456,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor
     if 0 < top_k < scaled.shape[-1]:
         scaled, vocab_ids = torch.topk(scaled, top_k, dim=-1)  # descending: column 0 is the argmax
     scaled = scaled.double()
-    col = torch.argmax(scaled + gumbel_noise(u, scaled.shape[-1], scaled.device), dim=-1)
+    col = torch.argmax(scaled + gumbel_noise(u, scaled.shape[-1], scaled.device, skip=greedy), dim=-1)
     if greedy.any():
         col = torch.where(greedy.to(col.device), torch.argmax(scaled, dim=-1), col)
     logprob = torch.log_softmax(scaled, dim=-1).gather(1, col.view(-1, 1)).squeeze(1)
@@ -467,11 +467,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, u: torch.Tensor
 _generators: dict[torch.device, torch.Generator] = {}
 
 
-def gumbel_noise(u: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+def gumbel_noise(u: torch.Tensor, n: int, device: torch.device, skip: torch.Tensor | None = None) -> torch.Tensor:
     """Standard Gumbel noise [rows, n] (float64), row i drawn from a generator seeded with the 32
-    leading bits of u[i]: a fixed function of the uniform on one device, whatever the batch."""
+    leading bits of u[i]: a fixed function of the uniform on one device, whatever the batch. Rows
+    where `skip` is true (greedy ones) get a constant instead (nothing is drawn for them)."""
     generator = _generators.setdefault(device, torch.Generator(device=device))
-    out = torch.empty(len(u), n, device=device)
+    out = torch.full((len(u), n), 0.5, device=device)
+    skipped = skip.tolist() if skip is not None else [False] * len(u)
     for i, seed in enumerate((u.double() * 2.0 ** 32).long().clamp(0, 2 ** 32 - 1).tolist()):
-        torch.rand(n, generator=generator.manual_seed(seed), device=device, out=out[i])
+        if not skipped[i]:
+            torch.rand(n, generator=generator.manual_seed(seed), device=device, out=out[i])
     return -torch.log(-torch.log(out.double() + 2.0 ** -25))
