@@ -433,11 +433,11 @@ def test_stream_cancel_drops_only_that_request(tiny, tokenizer, ctx, speculate):
     eng.engine.speculate = speculate
     u = np.random.default_rng(1).random((2, 8))
     eng.decode_groups([(ctx, [Row(8, 1.0, 15)], u[:1]), (ctx[:6], [Row(8, 1.0, 15)], u[1:])])  # drafts for both
-    stream = DecodeStream(eng.engine)
-    stream.join("a", ctx, [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, eng.receipt)
-    stream.join("b", ctx[:6], [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, eng.receipt)
+    stream, work = DecodeStream(eng.engine), Receipt("stream")
+    stream.join("a", ctx, [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, work)
+    stream.join("b", ctx[:6], [Row(8, 1.0, 15), Row(8, 1.0, 15)], u, work)
     stream.step()
-    assert (stream.drafted > 0) == (speculate > 0)
+    assert (work.drafted > 0) == (speculate > 0)
     stream.cancel("a")
     out = {}
     while stream:
@@ -530,31 +530,30 @@ def test_speculation_decodes_the_tokens_of_one_token_per_forward(tiny, tokenizer
         eng.engine.speculate = speculate
         eng.next_logits(ctx)
         stored = eng.decode_rows(ctx, rows, first)  # what later drafts come from
-        stream = DecodeStream(eng.engine)
-        stream.join("again", ctx, [Row(10, 1.0, 15) for _ in range(4)] + [Row(10, 1.0, 15, greedy=True)], again,
-                    eng.receipt)
-        stream.join("whole", ctx, [Row(10, 1.0, 15)], first[:1], eng.receipt)  # a stored row again, alone
+        stream, work = DecodeStream(eng.engine), Receipt("stream")  # `work`: the verifying stream's receipt
+        stream.join("again", ctx, [Row(10, 1.0, 15) for _ in range(4)] + [Row(10, 1.0, 15, greedy=True)], again, work)
+        stream.join("whole", ctx, [Row(10, 1.0, 15)], first[:1], work)  # a stored row again, alone
         got, done_at = {}, {}
         for step in range(40):
             if step == 2:  # joins inside a stored row's chunk: its last token uncached, its draft from the chunk
-                stream.join("inside", ctx + stored[0].tokens[:4], [Row(6, 1.0, 15)], first[0:1, 4:], eng.receipt)
+                stream.join("inside", ctx + stored[0].tokens[:4], [Row(6, 1.0, 15)], first[0:1, 4:], work)
             for key, request in stream.step().items():
                 got[key], done_at[key] = request.samples(), step
             if not stream and step > 2:
                 break
-        return eng, stored, got, stream, done_at
+        return eng, stored, got, work, done_at
 
-    off, _, expected, _, off_done_at = run(0)
-    on, stored, got, stream, done_at = run(6)
+    _, _, expected, off_work, off_done_at = run(0)
+    on, stored, got, work, done_at = run(6)
     assert got.keys() == expected.keys() == {"again", "inside", "whole"}
     for key in got:
         assert [s.tokens for s in got[key]] == [s.tokens for s in expected[key]], key
         assert [s.logprob for s in got[key]] == pytest.approx([s.logprob for s in expected[key]], abs=1e-4)
     assert got["again"][0].tokens == stored[0].tokens and got["inside"][0].tokens == stored[0].tokens[4:]
     assert got["again"][1].tokens[:3] == stored[1].tokens[:3] and got["again"][2].tokens[:2] == stored[0].tokens[:2]
-    assert 0 < stream.accepted < stream.drafted  # some drafts were accepted, some rejected
-    assert on.receipt.drafted == stream.drafted and on.receipt.accepted == stream.accepted
-    assert on.receipt.tokens - on.receipt.speculated == off.receipt.tokens  # what one token per forward runs
+    assert 0 < work.accepted < work.drafted  # some drafts were accepted, some rejected
+    assert off_work.drafted == 0
+    assert work.tokens - work.speculated == off_work.tokens  # what one token per forward runs
     assert got["whole"][0].tokens == stored[0].tokens
     assert off_done_at["whole"] == 9 and done_at["whole"] == 2  # ten picks: 1 + 6 per forward + 3
     assert done_at["inside"] < off_done_at["inside"]

@@ -72,15 +72,14 @@ class _Request:
 
 class _LiveRow:
     """A row decoding now: its batch slot; the logits [1 + len(draft), vocab] after its last fed
-    token and after each draft token fed behind it; the width of the forward that fed them; and,
-    once it picked, `cut`: the columns at the end of its slot that are not its own (rejected draft)."""
+    token and after each draft token fed behind it; and, once it picked, `cut`: the columns at the
+    end of its slot that are not its own (a rejected draft, padding)."""
 
-    __slots__ = ("request", "r", "slot", "logits", "draft", "width", "cut")
+    __slots__ = ("request", "r", "slot", "logits", "draft", "cut")
 
     def __init__(self, request: _Request, r: int, slot: int, logits: torch.Tensor | None):
         self.request, self.r, self.slot, self.logits = request, r, slot, logits
         self.draft: list[int] = []
-        self.width = 1
         self.cut = 0
 
 
@@ -88,12 +87,12 @@ class _Source:
     """A slot of the next forward: copied from an old slot (its KV less `cut` last columns) or from a
     joining context; it feeds `token`, then `draft`; its work is charged to `receipt`."""
 
-    __slots__ = ("parent", "cut", "ctx", "token", "receipt", "sequence", "limit", "draft")
+    __slots__ = ("parent", "cut", "ctx", "token", "receipt", "context", "fed", "limit", "draft")
 
     def __init__(self, parent: int, cut: int, ctx: _Context | None, token: int, receipt: Receipt,
-                 sequence: list[int], limit: int):
+                 context: list[int], fed: list[int], limit: int):
         self.parent, self.cut, self.ctx, self.token, self.receipt = parent, cut, ctx, token, receipt
-        self.sequence, self.limit = sequence, limit  # its tokens (context and fed ones); most draft tokens
+        self.context, self.fed, self.limit = context, fed, limit  # its tokens; the most draft tokens it can use
         self.draft: list[int] = []
 
 
@@ -130,8 +129,6 @@ class DecodeStream:
         self.requests: dict[Hashable, _Request] = {}
         self._slot_receipt: list[Receipt] = []  # whose work each slot is
         self._width = 1  # positions each slot fed in the last forward (1 + the longest draft)
-        self.drafted = 0  # draft tokens fed, and of them those some row accepted (engine-wide counters)
-        self.accepted = 0
         self.recent = _Recent()
 
     def __len__(self) -> int:
@@ -183,10 +180,11 @@ class DecodeStream:
                 if request.want_logits and request.first_logits is None:
                     request.first_logits = logits[0]
                 spec = request.rows[r]
+                width = self._width if row.slot >= 0 else 1  # a row that joins picks from cached logits
                 for j, (token, lp) in enumerate(picks):  # position j follows the row's j-th draft token
                     tokens.append(token)
                     request.logprob[r] += lp
-                    row.cut = row.width - 1 - j  # columns fed after the row's last token now
+                    row.cut = width - 1 - j  # columns fed after the row's last token now
                     if row.slot >= 0 and j:
                         accepted[row.slot] = max(accepted.get(row.slot, 0), j)
                     if (token in stops or len(tokens) >= spec.max_tokens
@@ -203,7 +201,6 @@ class DecodeStream:
                     if j >= len(row.draft) or token != row.draft[j]:  # the draft ends or is rejected here
                         going.append(row)
                         break
-        self.accepted += sum(accepted.values())
         for slot in {row.slot for row in picking if row.slot >= 0}:  # what one token per forward would not have fed
             receipt, n = self._slot_receipt[slot], accepted.get(slot, 0)
             receipt.accepted += n
@@ -316,7 +313,7 @@ class DecodeStream:
             if key not in index:  # the slot's work is charged to a request still going (never one done)
                 index[key] = len(sources)
                 sources.append(_Source(parent, cut, request.ctx if parent < 0 else None, tokens[-1], request.receipt,
-                                       request.context + tokens, room))
+                                       request.context, tokens, room))
             source = sources[index[key]]
             source.limit = max(source.limit, room)
             row.slot = index[key]
@@ -330,7 +327,7 @@ class DecodeStream:
                     tail_slot[id(request.ctx)] = len(sources)
                     tails.append(request.ctx)
                     sources.append(_Source(-1, 0, request.ctx, request.ctx.tail, request.receipt, request.ctx.tokens,
-                                           room))
+                                           [], room))
                 source = sources[tail_slot[id(request.ctx)]]
                 source.limit = max(source.limit, room)
                 tail_rows += [_LiveRow(request, r, tail_slot[id(request.ctx)], None) for r in range(len(request.rows))]
@@ -340,9 +337,9 @@ class DecodeStream:
             return
         if engine.speculate:  # the tree's text after exactly these tokens, else what followed their last few
             for source in sources:
-                limit = min(engine.speculate, source.limit)
-                source.draft = ((engine.prefix_cache.continuation(source.sequence, limit) if engine.reuse_cache else [])
-                                or self.recent.draft(source.sequence, limit))
+                limit, sequence = min(engine.speculate, source.limit), source.context + source.fed
+                source.draft = ((engine.prefix_cache.continuation(sequence, limit) if engine.reuse_cache else [])
+                                or self.recent.draft(sequence, limit))
         width = 1 + max(len(source.draft) for source in sources)
         room = max(width, 1 + max((row.request.rows[row.r].max_tokens - len(row.request.tokens[row.r])
                                    for row in self.live), default=0))
@@ -351,12 +348,10 @@ class DecodeStream:
         ids = torch.tensor([[s.token, *s.draft] + [s.token] * (width - 1 - len(s.draft)) for s in sources])
         out, self.cache = engine.forward(ids, self.cache, keep=width, pads=self.pads, receipts=self._slot_receipt)
         for source in sources:
-            if source.draft:
-                source.receipt.drafted += len(source.draft)
-                self.drafted += len(source.draft)
+            source.receipt.drafted += len(source.draft)
         for row in self.live:
             source = sources[row.slot]
-            row.logits, row.draft, row.width = out[row.slot, :1 + len(source.draft)], source.draft, width
+            row.logits, row.draft = out[row.slot, :1 + len(source.draft)], source.draft
         for ctx in tails:  # the context's last token is computed now: keep it with its logits
             if engine.reuse_cache:
                 slot, column = tail_slot[id(ctx)], buffers(self.cache)[0].length - width
