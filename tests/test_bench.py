@@ -10,7 +10,7 @@ from rain_llm.shells.cli import main
 def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
     out = tmp_path / "bench.json"
     code = main(["bench", "--random", "tiny", "--prompts", "2", "--methods",
-                 "vanilla,rain,rain-no-reuse,rain-p2,rain-b2,vanilla-b2",
+                 "vanilla,rain,rain-no-reuse,rain-p2,rain-b2,vanilla-b2,rain-s4,rain-s4-b2",
                  "--preset", "fast", "--max-new-tokens", "6", "--t-max", "4", "--fixed-budget",
                  "--max-rollout-tokens", "4", "--out", str(out)])
     assert code == 0
@@ -18,7 +18,11 @@ def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
     assert "x vanilla" in printed and "rain-p2" in printed
     data = json.loads(out.read_text())
     s = data["summary"]
-    assert set(s) == {"vanilla", "rain", "rain-no-reuse", "rain-p2", "rain-b2", "vanilla-b2"}
+    assert set(s) == {"vanilla", "rain", "rain-no-reuse", "rain-p2", "rain-b2", "vanilla-b2", "rain-s4", "rain-s4-b2"}
+    for speculating in ("rain-s4", "rain-s4-b2"):  # compared with the same method without speculation
+        assert s[speculating]["answers_equal_unspeculated"] is True
+    assert "answers_equal_unspeculated" not in s["rain"]
+    assert s["rain-s4-b2"]["throughput_x_unbatched"] > 0  # against rain-s4, one prompt at a time
     batched = "rain-b2"  # compared with rain one prompt at a time
     assert s[batched]["batch"] == 2 and s[batched]["throughput_x_unbatched"] > 0
     assert s[batched]["answer_tokens"] == s["rain"]["answer_tokens"]  # same prompts, same budget
@@ -43,6 +47,18 @@ def test_bench_tiny_random_model(tmp_path, capsys, default_model_dir):
     assert s["vanilla"]["lm_forward_passes_per_iteration"] is None  # no search
     assert "LM forward passes per search iteration" in printed
     assert data["machine"]["torch"] and data["config"]["value_threshold"] == 2.0
+
+
+def test_bench_methods_parse_into_what_they_mean():
+    from rain_llm.shells.bench import BenchMethod
+
+    m = BenchMethod.parse("rain-p4-s8-b2")
+    assert (m.base, m.overrides, m.speculate, m.batch, m.remote) == ("rain-p4", {"parallel_leaves": 4}, 8, 2, False)
+    remote = BenchMethod.parse("vllm:rain-b3")
+    assert (remote.base, remote.batch, remote.remote, remote.speculate) == ("rain", 3, True, None)
+    assert BenchMethod.parse("vanilla").overrides == {"method": "vanilla"}
+    assert BenchMethod.parse("rain-p4-b2").is_plain_of(m) and not BenchMethod.parse("rain-b2").is_plain_of(m)
+    assert BenchMethod.parse("rain-p4-s8").is_unbatched_of(m) and not BenchMethod.parse("rain-p4").is_unbatched_of(m)
 
 
 def test_bench_bad_method(capsys):

@@ -62,6 +62,23 @@ def test_concurrent_requests_are_one_batch_with_the_same_answers(server, tiny_ra
         assert reply.model == "tiny"
 
 
+def test_a_speculating_server_gives_the_same_answers(tiny_rain):
+    """`rain serve --speculate N` (the same weights, verifying drafts): concurrent answers equal the
+    answers without speculation, and their compute reports the drafts (greedy rollouts: the tree holds
+    text they repeat)."""
+    search = {**SEARCH, "rollout_temperature": 0}
+    with HeldServer(tiny_rain.speculating(8), load_config("fast", max_new_tokens=8), port=0,
+                    batch_window=0.05, log=Log()) as srv:
+        replies = concurrently(lambda i: ask(srv, PROMPTS[i], max_tokens=8, seed=3, extra_body={"rain": search}),
+                               len(PROMPTS), srv)
+    alone = [tiny_rain.generate(p, load_config("fast", max_new_tokens=8, seed=3, **search)) for p in PROMPTS]
+    for reply, gen in zip(replies, alone):
+        assert not isinstance(reply, Exception), reply
+        assert reply.choices[0].message.content == gen.text
+    totals = [reply.model_extra["rain"]["stats"]["compute"]["total"] for reply in replies]
+    assert sum(t.get("accepted_draft_tokens", 0) for t in totals) > 0
+
+
 def test_requests_with_different_settings_share_the_batch(server, tiny_rain):
     settings = [{"method": "vanilla"}, SEARCH, {"method": "vanilla"}, {**SEARCH, "t_max": 4, "seed": 7}]
     replies = concurrently(lambda i: ask(server, PROMPTS[i % 3], max_tokens=6, extra_body={"rain": settings[i]}), 4,

@@ -579,6 +579,22 @@ def test_rain_serve_on_vllm_through_the_openai_client(vrain, hf):
             assert json.loads(health.read())["status"] == "ok"
 
 
+def test_bench_on_the_vllm_servers(server, tmp_path, capsys):
+    """`rain bench` with only vllm: methods loads no local model and counts the HTTP requests."""
+    from rain_llm.shells.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--methods", "vllm:vanilla,vllm:rain", "--engine-url", server.url, "--prompts", "1",
+                 "--preset", "fast", "--max-new-tokens", "6", "--t-max", "3", "--fixed-budget",
+                 "--out", str(out)]) == 0
+    assert "HTTP overhead per request" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["engines"]["vllm"]["servers"] == [server.url] and data["engines"]["vllm"]["http_overhead_s"] > 0
+    s = data["summary"]
+    assert s["vllm:rain"]["requests_per_token"] > s["vllm:vanilla"]["requests_per_token"] > 0
+    assert s["vllm:vanilla"]["x_vanilla"] == 1.0 and s["vllm:rain"]["http_overhead_s"] > 0
+
+
 def test_engine_flags_without_a_url(capsys):
     from rain_llm.shells.cli import main
 

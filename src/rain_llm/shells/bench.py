@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ import torch
 
 from rain_llm.api import Generation, Rain, raise_failure
 from rain_llm.config import RainConfig
+from rain_llm.errors import RainError
 from rain_llm.evaluation.data import default_data_dir
 from rain_llm.runtime.accounting import Compute, lm_tokens_of
 
@@ -84,49 +86,110 @@ def random_rain(shape: str, device: str, tokenizer: str | Path | None = None,
     return rain
 
 
-def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: dict[str, dict[str, Any]],
-              log: Any = sys.stderr, engines: dict[str, Rain] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BenchMethod:
+    """One method of a bench run, as typed (`name`) and as meant: `base` (vanilla, rain, rain-no-reuse,
+    rain-pN) with its setting `overrides`; `speculate`: N draft tokens (the same weights, their own
+    caches); `batch`: prompts in flight at once; `remote`: on the vLLM servers."""
+
+    name: str
+    base: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    speculate: int | None = None
+    batch: int = 1
+    remote: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> BenchMethod:
+        """"vllm:rain-p4-b8", "rain-s16", ...: [vllm:]base[-sN][-bN]."""
+        remote = name.startswith("vllm:")
+        base, batch, speculate = name[5:] if remote else name, 1, None
+        if (found := re.fullmatch(r"(.+)-b([0-9]+)", base)) and int(found.group(2)) >= 1:
+            base, batch = found.group(1), int(found.group(2))
+        if (found := re.fullmatch(r"(.+)-s([0-9]+)", base)) and not remote:
+            base, speculate = found.group(1), int(found.group(2))
+        if base == "vanilla":
+            overrides: dict[str, Any] = {"method": "vanilla"}
+        elif base == "rain":
+            overrides = {}
+        elif base == "rain-no-reuse":
+            overrides = {"reuse_cache": False}
+        elif base.startswith("rain-p") and base[6:].isdigit() and int(base[6:]) >= 1:
+            overrides = {"parallel_leaves": int(base[6:])}
+        else:
+            raise RainError(f"unknown bench method {name!r} (vanilla, rain, rain-no-reuse, rain-pN; -sN after any: "
+                            "speculation with N draft tokens; -bN after that: N prompts at once; vllm: before any: "
+                            "on the vLLM servers at --engine-url)")
+        return cls(name, base, overrides, speculate, batch, remote)
+
+    def is_plain_of(self, other: BenchMethod) -> bool:
+        """Whether `self` is `other` without speculation (the answers `other` must equal)."""
+        return (self.speculate is None and other.speculate is not None and self.base == other.base
+                and self.batch == other.batch and self.remote == other.remote)
+
+    def is_unbatched_of(self, other: BenchMethod) -> bool:
+        """Whether `self` is `other` one prompt at a time (its throughput's reference)."""
+        return (self.batch == 1 and other.batch > 1 and self.base == other.base
+                and self.speculate == other.speculate and self.remote == other.remote)
+
+
+class Runners:
+    """Which `Rain` answers a method: the local one, the same weights speculating (made once per N),
+    or the one on the vLLM servers."""
+
+    def __init__(self, local: Rain, remote: Rain | None = None):
+        self.local, self.remote = local, remote
+        self.speculating: dict[int, Rain] = {}
+
+    def __call__(self, method: BenchMethod) -> Rain:
+        if method.remote:
+            if self.remote is None:
+                raise RainError(f"bench method {method.name!r} needs the vLLM servers (--engine-url)")
+            return self.remote
+        if method.speculate is not None:
+            if method.speculate not in self.speculating:
+                self.speculating[method.speculate] = self.local.speculating(method.speculate)
+            return self.speculating[method.speculate]
+        return self.local
+
+
+def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: list[BenchMethod],
+              log: Any = sys.stderr, remote: Rain | None = None) -> dict[str, Any]:
     """Each method on each prompt (after one warm-up per method); a summary per method. A method
-    with "batch": B answers all the prompts through a continuous batch with B in flight (a new
-    prompt joins as soon as one is answered, as in `rain eval --batch` and `rain serve`). A method
-    with "engine": E runs on `engines[E]` (a remote backend: its HTTP requests are counted)."""
-    engines = engines or {}
-    for name, kw in methods.items():
-        kw = dict(kw)
-        batch = kw.pop("batch", 1)
-        runner = engines.get(kw.pop("engine", ""), rain)
-        print(f"[{name}] warm-up", file=log, flush=True)
-        runner.generate_many(prompts[:batch], cfg, **{**kw, "max_new_tokens": min(4, cfg.max_new_tokens)})
-    remote: dict[str, dict[str, Any]] = {e: {"engine": b.name, "servers": b.servers, "http_overhead_s": b.ping()}
-                                         for e, r in engines.items() if (b := _remote(r)) is not None}
-    # (the HTTP overhead, measured once, after the warm-ups)
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    for name, kw in methods.items():
-        kw = dict(kw)
-        batch = kw.pop("batch", 1)
-        runner = engines.get(kw.pop("engine", ""), rain)
-        if batch > 1:
-            runs[name].append(run_continuous(runner, cfg.replace(**kw), prompts, batch, name, log))
+    with batch B answers all the prompts through a continuous batch with B in flight (a new prompt
+    joins as soon as one is answered, as in `rain eval --batch` and `rain serve`). A remote method
+    runs on `remote` (its HTTP requests are counted)."""
+    runner = Runners(rain, remote)
+    for method in methods:
+        print(f"[{method.name}] warm-up", file=log, flush=True)
+        runner(method).generate_many(prompts[:method.batch], cfg,
+                                     **{**method.overrides, "max_new_tokens": min(4, cfg.max_new_tokens)})
+    engines: dict[str, dict[str, Any]] = {}
+    if remote is not None and (backend := _remote(remote)) is not None:  # measured once, after the warm-ups
+        engines["vllm"] = {"engine": backend.name, "servers": backend.servers, "http_overhead_s": backend.ping()}
+    runs: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+    for method in methods:
+        name, kw, answerer = method.name, method.overrides, runner(method)
+        if method.batch > 1:
+            runs[name].append(run_continuous(answerer, cfg.replace(**kw), prompts, method.batch, name, log))
             rec = runs[name][-1]
-            print(f"[{name}] {len(prompts)} prompts, {batch} at a time: {rec['answer_tokens']:4d} tokens "
+            print(f"[{name}] {len(prompts)} prompts, {method.batch} at a time: {rec['answer_tokens']:4d} tokens "
                   f"{rec['seconds']:8.2f}s {rec['tokens']:8d} tokens processed", file=log, flush=True)
             continue
         for i, prompt in enumerate(prompts):
             _sync()
-            calls = _http_requests(runner)
+            calls = _http_requests(answerer)
             start = time.perf_counter()
-            (out,) = runner.generate_many([prompt], cfg, **kw)
+            (out,) = answerer.generate_many([prompt], cfg, **kw)
             _sync()
             seconds = time.perf_counter() - start
             compute = out.stats.compute.to_dict()
-            runs[name].append(_count_requests(_record([prompt], [out], seconds, compute, []), runner, calls))
-            runs[name][-1]["final_values"] = [final_value(runner, cfg, prompt, out.text)]  # after counting
+            runs[name].append(_count_requests(_record([prompt], [out], seconds, compute, []), answerer, calls))
+            runs[name][-1]["final_values"] = [final_value(answerer, cfg, prompt, out.text)]  # after counting
             print(f"[{name}] prompt {i + 1} of {len(prompts)}: {len(out.token_ids):4d} tokens "
                   f"{seconds:8.2f}s {compute['total']['tokens']:8d} tokens processed", file=log, flush=True)
-    overhead = {m: float(remote[kw["engine"]]["http_overhead_s"]) for m, kw in methods.items()
-                if kw.get("engine") in remote}
-    return {"runs": runs, "summary": summarise(runs, {m: kw.get("batch", 1) for m, kw in methods.items()}, overhead),
-            "engines": remote}
+    overhead = {m.name: float(engines["vllm"]["http_overhead_s"]) for m in methods if m.remote and engines}
+    return {"runs": runs, "summary": summarise(runs, methods, overhead), "engines": engines}
 
 
 def _remote(rain: Rain) -> VLLMBackend | None:
@@ -197,7 +260,7 @@ def final_value(rain: Rain, cfg: RainConfig, prompt: str, text: str) -> float | 
     return float(source.bind(prompt).value(text))
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | None = None,
+def summarise(runs: dict[str, list[dict[str, Any]]], methods: list[BenchMethod] | None = None,
               overhead: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Per method: seconds, forward passes and tokens per answer token, ...; for methods on a remote
     engine (`overhead`: its HTTP overhead per request), HTTP requests per answer token too."""
@@ -236,29 +299,20 @@ def summarise(runs: dict[str, list[dict[str, Any]]], batches: dict[str, int] | N
         if all("http_requests" in r for r in recs) and recs:
             out[name]["requests_per_token"] = sum(r["http_requests"] for r in recs) / answer
             out[name]["http_overhead_s"] = (overhead or {}).get(name)
+    typed = {m.name: m for m in methods or []}
     for name, s in out.items():
+        method = typed.get(name) or BenchMethod(name, name)
         engine = name.split(":", 1)[0] + ":" if ":" in name else ""
         base = out.get(engine + "vanilla") or out.get("vanilla")  # vllm:rain against vllm:vanilla
         s["x_vanilla"] = s["seconds_per_token"] / base["seconds_per_token"] if base else None
-        batch = (batches or {}).get(name, 1)
-        s["batch"] = batch
-        single = out.get(unbatched_name(name)) if batch > 1 else None  # the same method one prompt at a time
+        s["batch"] = method.batch
+        single = next((out[m.name] for m in typed.values() if m.is_unbatched_of(method)), None)
         s["throughput_x_unbatched"] = single["seconds_per_token"] / s["seconds_per_token"] if single else None
-        plain = unspeculated_name(name)
-        if plain != name and plain in runs:  # speculation must not change a single answer
+        plain = next((m.name for m in typed.values() if m.is_plain_of(method)), None)
+        if plain is not None:  # speculation must not change a single answer
             s["answers_equal_unspeculated"] = [t for r in runs[name] for t in r["texts"]] == \
                 [t for r in runs[plain] for t in r["texts"]]
     return out
-
-
-def unspeculated_name(name: str) -> str:
-    """"rain-s8-b4" -> "rain-b4": the method a speculating one must give the same answers as."""
-    return re.sub(r"-s[0-9]+(?=-b[0-9]+$|$)", "", name)
-
-
-def unbatched_name(name: str) -> str:
-    """"rain-p4-b16" -> "rain-p4": the method a batched one is compared with."""
-    return re.sub(r"-b[0-9]+$", "", name)
 
 
 def table(summary: dict[str, dict[str, Any]]) -> str:

@@ -14,7 +14,6 @@ import argparse
 import difflib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import fields
@@ -420,50 +419,32 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     from rain_llm.engine.hf.models import pick_device
-    from rain_llm.shells.bench import bench_prompts, machine, random_rain, run_bench, table, write_json
+    from rain_llm.shells.bench import (
+        BenchMethod,
+        bench_prompts,
+        machine,
+        random_rain,
+        run_bench,
+        table,
+        write_json,
+    )
 
     overrides = {f.name: getattr(args, f.name) for f in fields(RainConfig)}
     if args.fixed_budget:
         overrides.update(value_threshold=2.0, fresh_iterations=0)
     cfg = load_config(args.preset, args.config, **overrides)
-    methods: dict[str, dict[str, Any]] = {}
-    for m in [m for m in args.methods.split(",") if m]:
-        engine, base, batch = ("vllm", m[5:], 1) if m.startswith("vllm:") else ("", m, 1)
-        if (found := re.fullmatch(r"(.+)-b([0-9]+)", base)) and int(found.group(2)) >= 1:
-            base, batch = found.group(1), int(found.group(2))
-        speculate = None
-        if (found := re.fullmatch(r"(.+)-s([0-9]+)", base)) and not engine:
-            base, speculate = found.group(1), int(found.group(2))
-        if base == "vanilla":
-            kw: dict[str, Any] = {"method": "vanilla"}
-        elif base == "rain":
-            kw = {}
-        elif base == "rain-no-reuse":
-            kw = {"reuse_cache": False}
-        elif base.startswith("rain-p") and base[6:].isdigit() and int(base[6:]) >= 1:
-            kw = {"parallel_leaves": int(base[6:])}
-        else:
-            raise RainError(f"unknown bench method {m!r} (vanilla, rain, rain-no-reuse, rain-pN; -sN after any: "
-                            "speculation with N draft tokens; -bN after that: N prompts at once; vllm: before any: "
-                            "on the vLLM servers at --engine-url)")
-        if speculate is not None:
-            engine = f"s{speculate}"  # the same weights, speculating (its own caches)
-        methods[m] = kw | ({"batch": batch} if batch > 1 else {}) | ({"engine": engine} if engine else {})
+    methods = [BenchMethod.parse(m) for m in args.methods.split(",") if m]
     if args.prompts < 1:
         raise RainError(f"invalid --prompts {args.prompts}: must be at least 1")
-    remote = any(kw.get("engine") == "vllm" for kw in methods.values())
-    engines = {"vllm": load_rain(args, engine="vllm")} if remote else {}
+    remote = load_rain(args, engine="vllm") if any(m.remote for m in methods) else None
     if args.random:
         set_threads(args.threads)
         rain = random_rain(args.random, pick_device(args.device), args.tokenizer, args.embedder)
-    elif engines and (args.engine == "vllm" or all(kw.get("engine") == "vllm" for kw in methods.values())):
-        rain = engines["vllm"]  # no method runs in this process: no local model to load
+    elif remote is not None and (args.engine == "vllm" or all(m.remote for m in methods)):
+        rain = remote  # no method runs in this process: no local model to load
     else:
         rain = load_rain(args)
-    for kw in methods.values():
-        if (name := kw.get("engine", "")).startswith("s") and name not in engines:
-            engines[name] = rain.speculating(int(name[1:]))
-    result = run_bench(rain, cfg, bench_prompts(args.prompts), methods, engines=engines)
+    result = run_bench(rain, cfg, bench_prompts(args.prompts), methods, remote=remote)
     print(table(result["summary"]))
     if args.out:
         write_json(Path(args.out), {"command": " ".join(sys.argv), "machine": machine(), "model": rain.name,
