@@ -575,3 +575,51 @@ def test_recent_drafts_what_followed_the_last_three_tokens():
     recent.add(list(range(100, 120)))  # over `size` runs: what came before goes
     recent.add([0])
     assert recent.draft([2, 3, 4], 4) == [] and len(recent.after) <= 17
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tokenizer):
+    """A tiny random GPT-2: learned position embeddings, none past its window of 96."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=96, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_a_row_at_the_window_while_another_slot_speculates(tiny_gpt2, tokenizer):
+    """A slot feeding a draft widens every slot's forward; the columns of a row that ends at the model's
+    window then lie past it (padding): they must not break a model with learned positions, and the
+    tokens stay those of one token per forward."""
+
+    def run(speculate):
+        engine = HFEngine(tiny_gpt2, Codec(tokenizer), speculate=speculate)
+        engine.codec.stop_ids = frozenset()
+        stream = DecodeStream(engine)
+        stream.recent.draft = lambda tokens, limit: [5] * limit  # a draft for every slot (rejected)
+        u = np.random.default_rng(0).random((2, 20))
+        stream.join("edge", list(range(100, 192)), [Row(4, 1.0, 0)], u[:1, :4], Receipt("edge"))  # ends at 95
+        stream.join("short", list(range(200, 210)), [Row(20, 1.0, 0)], u[1:], Receipt("short"))
+        done = {}
+        while stream:
+            done.update(stream.step())
+        return {key: [s.tokens for s in request.samples()] for key, request in done.items()}
+
+    assert run(8) == run(0)
+
+
+def test_rollouts_stop_at_the_window(tiny_gpt2, tokenizer, embedder):
+    """A rollout past the answer budget stops at the model's window (a value that is not the model's
+    own sets no bound of its own on it), with speculation on and off."""
+    from rain_llm import Rain, load_config
+
+    prompt = "lock " * 20
+    answers = []
+    for speculate in (0, 4):
+        rain = Rain(tiny_gpt2, tokenizer, embedder=embedder, name="gpt2", speculate=speculate)
+        context = len(rain.prepare(prompt, load_config("fast", max_new_tokens=1))[1])
+        cfg = load_config("fast", value="vader", max_new_tokens=96 - context, t_max=3, max_rollout_tokens=32,
+                          rollout_temperature=0, rollout_stop_chars="\u2603")  # nothing ends a rollout early
+        answers.append(rain.generate(prompt, cfg).token_ids)
+    assert answers[0] == answers[1] and len(answers[0]) > 0

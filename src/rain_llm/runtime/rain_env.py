@@ -207,14 +207,16 @@ class RainEnv:
 
     def _rollout_row(self, answer: Tokens) -> Row | None:
         """The simulation's decode rule (to the next punctuation mark, or a new user turn in a
-        transcript), or None where the answer already ends a clause."""
-        if self._ends_clause(self.codec.decode(answer)):
+        transcript), or None where the answer already ends a clause. It stops at the model's
+        context window (the prompt and answer budget fit it; a rollout past the budget may not)."""
+        room = min(self.cfg.max_rollout_tokens, self.setup.policy.context_window - len(self.context) - len(answer))
+        if room < 1 or self._ends_clause(self.codec.decode(answer)):
             return None
         stop = TextStop(self.cfg.rollout_stop_chars, () if self.setup.fmt.chat else (TURN_MARKER,),
                         tuple(answer[-8:]))
         if self.cfg.rollout_temperature == 0:  # greedy rollouts: nothing is sampled but the candidates
-            return Row(self.cfg.max_rollout_tokens, 1.0, 0, greedy=True, stop=stop)
-        return Row(self.cfg.max_rollout_tokens, self.cfg.rollout_temperature, 0, stop=stop)
+            return Row(room, 1.0, 0, greedy=True, stop=stop)
+        return Row(room, self.cfg.rollout_temperature, 0, stop=stop)
 
     def _ends_clause(self, text: str) -> bool:
         return (bool(text) and text[-1] in self.cfg.rollout_stop_chars) or self.setup.fmt.ended(text)

@@ -103,12 +103,15 @@ class HFEngine:
         index = torch.tensor(keep) if isinstance(keep, list) else None
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = index.to(self.device) if index is not None else keep
-        if pads is not None and any(pads):
-            past, n = cache.get_seq_length(), ids.shape[1]
-            pad = torch.tensor(pads, device=self.device).unsqueeze(1)
+        past, n = cache.get_seq_length(), ids.shape[1]
+        if (pads is not None and any(pads)) or past + n > self.context_window:
+            # Columns past the window (padding, a draft's tail) are never a real token's: their
+            # outputs are dropped, so they may share the last position (a model with learned position
+            # embeddings has none beyond it).
+            pad = torch.tensor(pads if pads is not None else [0] * ids.shape[0], device=self.device).unsqueeze(1)
             columns = torch.arange(past + n, device=self.device).unsqueeze(0)
             kwargs["attention_mask"] = (columns >= pad).long()
-            kwargs["position_ids"] = (columns[:, past:] - pad).clamp(min=0)
+            kwargs["position_ids"] = (columns[:, past:] - pad).clamp(min=0, max=self.context_window - 1)
         out = self.model(input_ids=ids.to(self.device), **kwargs)
         self._charge(receipts, ids.shape[0], ids.shape[1])
         logits = out.logits
