@@ -154,11 +154,12 @@ class Runners:
 
 
 def run_bench(rain: Rain, cfg: RainConfig, prompts: list[str], methods: list[BenchMethod],
-              log: Any = sys.stderr, remote: Rain | None = None) -> dict[str, Any]:
+              log: Any = None, remote: Rain | None = None) -> dict[str, Any]:
     """Each method on each prompt (after one warm-up per method); a summary per method. A method
     with batch B answers all the prompts through a continuous batch with B in flight (a new prompt
     joins as soon as one is answered, as in `rain eval --batch` and `rain serve`). A remote method
-    runs on `remote` (its HTTP requests are counted)."""
+    runs on `remote` (its HTTP requests are counted). Progress lines go to `log` (default: stderr)."""
+    log = log if log is not None else sys.stderr
     runner = Runners(rain, remote)
     for method in methods:
         print(f"[{method.name}] warm-up", file=log, flush=True)

@@ -82,7 +82,7 @@ class RainServer:
     def __init__(self, rain: Rain | None, config: RainConfig, *, host: str = "127.0.0.1", port: int = 8000,
                  model_name: str | None = None, max_batch: int = 16, batch_window: float = 0.05,
                  limits: Limits | None = None, api_key: str | None = None, grace: float = 30.0,
-                 loader: Callable[[], Rain] | None = None, log: IO[str] = sys.stderr,
+                 loader: Callable[[], Rain] | None = None, log: IO[str] | None = None,
                  answer_log: str | Path | None = None, worker: type[Worker] = Worker):
         if max_batch < 1:
             raise RainError(f"invalid max_batch {max_batch}: must be at least 1")
@@ -101,7 +101,7 @@ class RainServer:
         self.model_name = model_name or (rain.name if rain is not None else "default")
         self.max_batch, self.batch_window, self.grace = max_batch, batch_window, grace
         self.api_key = api_key or None
-        self.log = log
+        self.log = log if log is not None else sys.stderr  # at call time: stderr may have been replaced
         self._log_lock = threading.Lock()
         self.answer_log_path = Path(answer_log) if answer_log is not None else None
         try:
