@@ -623,3 +623,38 @@ def test_rollouts_stop_at_the_window(tiny_gpt2, tokenizer, embedder):
                           rollout_temperature=0, rollout_stop_chars="\u2603")  # nothing ends a rollout early
         answers.append(rain.generate(prompt, cfg).token_ids)
     assert answers[0] == answers[1] and len(answers[0]) > 0
+
+
+ARCHITECTURES = {  # position schemes the Llama-like fixtures do not cover
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_positions=512, n_embd=64, n_layer=2, n_head=4)),  # learned
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2,  # learned, offset
+                                                num_attention_heads=4, max_position_embeddings=512,
+                                                word_embed_proj_dim=64)),
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),  # ALiBi
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", dict(hidden_size=64, intermediate_size=128,  # partial rotary
+                                                             num_hidden_layers=2, num_attention_heads=4,
+                                                             max_position_embeddings=512)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_rain_on_other_position_schemes(arch, tokenizer, embedder):
+    """RAIN on models with learned, offset, ALiBi and partial-rotary positions: an answer in a batch
+    (left padding) equals it alone, and speculation changes no answer."""
+    import transformers
+
+    from rain_llm import Rain, load_config
+
+    model_class, config_class, shape = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), **shape)
+    model = getattr(transformers, model_class)(config).eval()
+    cfg = load_config("fast", max_new_tokens=6, t_max=2, max_rollout_tokens=4, rollout_temperature=0)
+    prompts = ["How do I pick a lock?", "Hi there, tell me a long story about dragons"]
+    answers = []
+    for speculate in (0, 4):
+        rain = Rain(model, tokenizer, embedder=embedder, name=arch, speculate=speculate)
+        batch = [out.token_ids for out in rain.generate_many(prompts, cfg)]
+        assert batch[1] == rain.generate(prompts[1], cfg).token_ids
+        answers.append(batch)
+    assert answers[0] == answers[1] and all(answers[0])
