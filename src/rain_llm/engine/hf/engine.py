@@ -54,7 +54,7 @@ class HFEngine:
         self.codec = codec
         self.reuse_cache = reuse_cache
         # Exact speculation: the most draft tokens a decode slot feeds after its token (0: off);
-        # drafts come from the prefix tree (stream.py), so they need reuse_cache.
+        # drafts come from the prefix tree (with reuse_cache), else from rows decoded earlier (stream.py).
         self.speculate = speculate
         self.uid = next(_ENGINE_IDS)  # forward passes are named (uid, number) in receipts
         self.forwards = 0

@@ -394,13 +394,9 @@ class DecodeStream:
             for cut, slots in by_cut.items():  # one copy per layer for the slots that cut alike
                 n, end = max(lengths[i] for i in slots), col - cut
                 index = torch.tensor([kept[i].parent for i in slots], device=k0.device)
-                if len(by_cut) == 1:
-                    kbuf[:len(kept), :, span - n:span] = k0[:, :, end - n:end].index_select(0, index)
-                    vbuf[:len(kept), :, span - n:span] = v0[:, :, end - n:end].index_select(0, index)
-                else:
-                    new = torch.tensor(slots, device=k0.device)
-                    kbuf[new, :, span - n:span] = k0[:, :, end - n:end].index_select(0, index)
-                    vbuf[new, :, span - n:span] = v0[:, :, end - n:end].index_select(0, index)
+                new = slice(0, len(kept)) if len(by_cut) == 1 else torch.tensor(slots, device=k0.device)
+                kbuf[new, :, span - n:span] = k0[:, :, end - n:end].index_select(0, index)
+                vbuf[new, :, span - n:span] = v0[:, :, end - n:end].index_select(0, index)
             slot = len(kept)
             while slot < len(sources):  # a joining context's slots are consecutive: one copy for them
                 ctx, end = _joining(sources[slot].ctx), slot
